@@ -1,0 +1,249 @@
+"""One client connection: its reader thread, driving websockets' Sans-I/O protocol.
+
+The reader is gorilla's readPump: the only thread that reads this socket and
+feeds ``ServerProtocol``. Other threads (the ticker's keepalive, eviction,
+shutdown) may also ask the protocol to send a ping or a close; ``lock``
+serialises all use of the protocol object and keeps its output in order in
+the outbox. Data frames to the client never pass through the protocol: the
+hub shares one encoded frame among all clients.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
+
+from .handshake import Refused
+from .outbox import Outbox
+
+log = logging.getLogger("broadcast.server")
+
+_TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
+    Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG, Opcode.CLOSE)
+
+# How long we wait for the peer to finish a closing handshake (or to read a
+# rejection) before dropping the TCP connection; a well-behaved client needs
+# one round trip.
+CLOSE_TIMEOUT_S = 5.0
+# Requests bigger than this are refused before they are parsed further: the
+# HTTP parser bounds each line (8 KiB) and the header count, not the total.
+MAX_HANDSHAKE_BYTES = 64 * 1024
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class Connection:
+    def __init__(self, server, transport, peer: str) -> None:
+        config = server.config
+        self.server = server
+        self.transport = transport
+        self.peer = peer
+        self.lock = threading.Lock()
+        self.protocol = ServerProtocol(
+            origins=server.origins,
+            max_size=config.max_message_size or None,
+            logger=server.wire_log,
+        )
+        self.outbox = Outbox(transport, server.writers.pick(), config.send_queue_bytes)
+        self.username: str | None = None
+        self.prefix = b""  # "[NAME] ", what the server puts before a named client's text
+        self.joined = False
+        self.why = "connection lost"  # for the disconnect log line
+        # Message being reassembled from fragments.
+        self._parts: list[bytes] = []
+        self._opcode = None
+        self._decoder = None
+        # Keepalive and closing deadlines, read by the ticker.
+        self._ping: bytes | None = None
+        self._ping_at = time.monotonic()
+        self._close_by: float | None = None
+
+    # Reader thread.
+
+    def run(self) -> None:
+        try:
+            if self._open():
+                self._read_loop(self.transport.recv)
+        except Exception:
+            log.exception("error on connection from %s", self.peer)
+        finally:
+            if self.joined:
+                self.server.depart(self)
+            self.outbox.release()
+            self.server.forget(self)
+
+    def _open(self) -> bool:
+        """Run the opening handshake under the open timeout."""
+        sock = self.transport.sock
+        sock.settimeout(self.server.config.open_timeout or None)
+        received = 0
+        request = None
+        while request is None:
+            data = self.transport.recv()
+            if not data:
+                return False
+            received += len(data)
+            with self.lock:
+                if received > MAX_HANDSHAKE_BYTES:
+                    self._refuse_locked(Refused(431, "request headers too large"))
+                    break
+                self.protocol.receive_data(data)
+                events = self.protocol.events_received()
+                if events:
+                    request = events[0]
+                else:
+                    self._push_locked()  # a malformed request: the parser already answered
+                    if self.protocol.close_expected():
+                        break
+        if request is not None:
+            with self.lock:
+                response = self.server.admit(self, request)
+                self.protocol.send_response(response)
+                self._push_locked()
+            if response.status_code == 101:
+                sock.settimeout(None)
+                self.server.arrive(self)
+                return True
+        # Refused: keep reading until the client hangs up, so that it gets
+        # the response rather than a reset; the open timeout bounds this.
+        self._read_loop(self.transport.recv)
+        return False
+
+    def _refuse_locked(self, refusal: Refused) -> None:
+        self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
+        self._push_locked()
+
+    def _read_loop(self, recv) -> None:
+        protocol = self.protocol
+        while True:
+            data = recv()
+            with self.lock:
+                if data:
+                    protocol.receive_data(data)
+                else:
+                    protocol.receive_eof()
+                events = protocol.events_received()
+                self._push_locked()
+            for frame in events:
+                if not self._on_frame(frame):
+                    break
+            if not data:
+                return
+
+    def _on_frame(self, frame: Frame) -> bool:
+        """Handle one incoming frame; False once the connection has failed."""
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if frame.fin:
+                if opcode is _TEXT and not self._valid_text(frame.data, True):
+                    return False
+                self.server.relay(self, opcode, frame.data)
+                return True
+            self._opcode = opcode
+            self._parts = [frame.data]
+            self._decoder = _utf8_decoder() if opcode is _TEXT else None
+            return opcode is _BINARY or self._valid_text(frame.data, False)
+        if opcode is _CONT:
+            self._parts.append(frame.data)
+            if self._decoder is not None and not self._valid_text(frame.data, frame.fin):
+                return False
+            if frame.fin:
+                payload = b"".join(self._parts)
+                self._parts = []
+                self._decoder = None
+                self.server.relay(self, self._opcode, payload)
+            return True
+        if opcode is _PONG:
+            if frame.data == self._ping:
+                self._ping = None
+            return True
+        if opcode is _CLOSE and self.protocol.close_rcvd_then_sent:
+            self.why = f"closed by client: {self.protocol.close_rcvd}"
+        return True
+
+    def _valid_text(self, data: bytes, final: bool) -> bool:
+        """RFC 6455 8.1: text must be UTF-8, checked fragment by fragment."""
+        try:
+            if self._decoder is None:
+                data.decode()  # a whole message in one frame
+            else:
+                self._decoder.decode(data, final)
+            return True
+        except UnicodeDecodeError as exc:
+            self.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
+            return False
+
+    # Any thread.
+
+    def _push_locked(self) -> None:
+        """Move protocol output to the outbox, in order; caller holds ``lock``."""
+        protocol = self.protocol
+        writes = protocol.data_to_send()
+        if writes:
+            self.outbox.put_control(writes, closing=protocol.state is not OPEN)
+        if self._close_by is None and protocol.close_expected():
+            self._close_by = time.monotonic() + CLOSE_TIMEOUT_S
+
+    def close(self, code: int, reason: str) -> None:
+        """Start a closing handshake after the messages already queued."""
+        with self.lock:
+            if self.protocol.state is OPEN:
+                self.why = f"closed by server: {code} {reason}"
+                self.protocol.send_close(code, reason)
+                self._push_locked()
+            elif self._close_by is None:
+                self._close_by = time.monotonic()  # never opened: just drop it
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close at once with ``code``; a closing handshake already under way wins."""
+        with self.lock:
+            if self.protocol.state is not OPEN:
+                return
+            self.why = f"failed: {code} {reason}"
+            log.warning("closing %s: %d %s", self.label, code, reason)
+            self.protocol.fail(code, reason)
+            self._push_locked()
+
+    def evict_slow_consumer(self) -> None:
+        """The outbox overflowed and dropped its backlog; say why and go."""
+        self.fail(CloseCode.POLICY_VIOLATION, "slow consumer")
+
+    def abort(self, why: str) -> None:
+        self.why = why
+        self.transport.abort()
+
+    def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
+        """Enforce deadlines; called by the server's ticker thread."""
+        if self._close_by is not None:
+            if now >= self._close_by:
+                self.abort(self.why)
+            return
+        blocked_since = self.outbox.blocked_since
+        if write_timeout and blocked_since is not None and now - blocked_since > write_timeout:
+            log.warning("dropping %s: nothing written for %.1f s", self.label, now - blocked_since)
+            self.abort("write timeout")
+            return
+        if not ping_interval or not self.joined:
+            return
+        if self._ping is None:
+            if now - self._ping_at >= ping_interval:
+                with self.lock:
+                    if self.protocol.state is OPEN:
+                        self._ping = os.urandom(4)
+                        self._ping_at = now
+                        self.protocol.send_ping(self._ping)
+                        self._push_locked()
+        elif ping_timeout and now - self._ping_at > ping_timeout:
+            self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            self.abort("keepalive ping timeout")
+
+    @property
+    def label(self) -> str:
+        return f"{self.username or 'anonymous'}@{self.peer}"

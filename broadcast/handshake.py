@@ -1,0 +1,65 @@
+"""Who may open a WebSocket, decided from the HTTP request alone.
+
+Kept free of sockets and threads so the rules can be read, and tested, as
+rules. The RFC 6455 mechanics (key, version, upgrade headers, Origin) stay
+with websockets' ``ServerProtocol.accept``.
+"""
+
+from __future__ import annotations
+
+import http
+import unicodedata
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+WS_PATH = "/ws"  # the Go original's path
+MAX_NAME_CHARS = 32
+# Control, format (bidi overrides, zero-width) and line/paragraph separators
+# would let one name rewrite or hide the lines around it.
+_FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+
+
+class Refused(Exception):
+    """The request is answered with ``status`` and ``reason`` instead of a WebSocket."""
+
+    def __init__(self, status: http.HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Admission:
+    username: str | None
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid username, or None if it is."""
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return f"must be 1 to {MAX_NAME_CHARS} characters"
+    if name != name.strip():
+        return "must not start or end with whitespace"
+    if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in name):
+        return "must not contain control or formatting characters"
+    return None
+
+
+def admit(path: str) -> Admission:
+    """Check the request target; raise Refused, or say who is joining."""
+    target = urlsplit(path)
+    if target.path != WS_PATH:
+        raise Refused(http.HTTPStatus.NOT_FOUND, f"no WebSocket at {target.path}; use {WS_PATH}")
+    try:
+        query = parse_qs(target.query, keep_blank_values=True, strict_parsing=False,
+                         errors="strict", max_num_fields=16)
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed query string") from None
+    names = query.get("username")
+    if names is None:
+        return Admission(None)
+    if len(names) > 1:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "invalid username: given more than once")
+    problem = name_problem(names[0])
+    if problem:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, f"invalid username: {problem}")
+    return Admission(names[0])

@@ -1,0 +1,238 @@
+"""Per-client bounded send buffers, and the few writer threads that drain them.
+
+This is gorilla's writePump, reshaped for Python threads: a broadcast only
+appends bytes to each client's ``Outbox`` and never touches a socket, so one
+slow or dead client cannot delay anyone else. A small, fixed pool of
+``Writer`` threads sends with non-blocking syscalls, joining whatever backlog
+a client has into one send, and parks clients whose socket is full in an
+epoll set instead of parking a thread on each of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import selectors
+import socket
+import threading
+import time
+
+# What Outbox.flush tells its writer.
+FLUSHED = 0  # nothing left to send
+AGAIN = 1  # more arrived while sending: requeue behind the others, for fairness
+BLOCKED = 2  # the socket is full: wait until it is writable
+GONE = 3  # the connection is finished: forget it and close its socket
+
+
+class Outbox:
+    """Bytes owed to one client, in order, bounded in size.
+
+    Only its writer sends, so bytes can never interleave; ``scheduled`` is
+    true while the outbox sits in its writer's ready queue or epoll set,
+    which is what keeps it there at most once.
+    """
+
+    __slots__ = (
+        "transport", "writer", "limit", "lock", "chunks", "queued", "head",
+        "scheduled", "closing", "eof", "dead", "registered", "blocked_since",
+    )
+
+    def __init__(self, transport, writer: Writer, limit: int) -> None:
+        self.transport = transport
+        self.writer = writer
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.chunks: list[bytes] = []  # not yet handed to the transport
+        self.queued = 0  # bytes in chunks
+        self.head: bytes | memoryview = b""  # encoded, partly sent
+        self.scheduled = False
+        self.closing = False  # a close frame is queued or the client is evicted
+        self.eof = False  # half-close once everything is sent
+        self.dead = False  # the reader is done; the socket can go
+        self.registered = False  # in the writer's epoll set (writer thread only)
+        self.blocked_since: float | None = None  # socket full since then
+
+    def put(self, frame: bytes) -> bool:
+        """Queue one data frame; False when the client is too far behind.
+
+        On overflow the backlog is dropped at once, so an evicted client
+        holds no memory while its close frame waits to go out.
+        """
+        with self.lock:
+            if self.closing:
+                return True
+            queued = self.queued + len(frame)
+            if queued + len(self.head) > self.limit:
+                self.closing = True
+                self.chunks.clear()
+                self.queued = 0
+                return False
+            self.chunks.append(frame)
+            self.queued = queued
+            if self.scheduled:
+                return True
+            self.scheduled = True
+        self.writer.schedule(self)
+        return True
+
+    def put_control(self, writes: list[bytes], closing: bool) -> None:
+        """Queue protocol output (pong, close, handshake response).
+
+        It goes through even after ``closing``: that is how the close frame
+        follows the messages still owed. ``b""`` asks for a half-close.
+        """
+        with self.lock:
+            if self.dead:
+                return
+            for data in writes:
+                if data:
+                    self.chunks.append(data)
+                    self.queued += len(data)
+                else:
+                    self.eof = True
+            self.closing = self.closing or closing
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.writer.schedule(self)
+
+    def release(self) -> None:
+        """The reader is done: drop what is owed and let the writer close."""
+        with self.lock:
+            self.dead = True
+            self.closing = True
+            self.chunks.clear()
+            self.queued = 0
+        self.writer.schedule(self)
+
+    def flush(self) -> int:
+        """Send what the socket takes now. Writer thread only."""
+        transport = self.transport
+        with self.lock:
+            if self.dead:
+                return GONE
+            if self.chunks:
+                chunks = self.chunks
+                data = transport.encode(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                chunks.clear()
+                self.queued = 0
+                self.head = bytes(self.head) + data if self.head else data
+            head = self.head
+            if not head:
+                if self.eof:
+                    self.eof = False
+                    tail = transport.finish()
+                    if tail:
+                        self.head = tail
+                        return AGAIN
+                    transport.shutdown_write()
+                self.scheduled = False
+                return FLUSHED
+        try:
+            sent = transport.send_nowait(head)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # The peer is gone. Wake the reader, which releases us.
+            transport.abort()
+            with self.lock:
+                self.closing = True
+                self.chunks.clear()
+                self.queued = 0
+                self.head = b""
+            return FLUSHED
+        with self.lock:
+            if sent == len(head):
+                self.head = b""
+                self.blocked_since = None
+                return AGAIN if self.chunks or self.eof else self._idle()
+            self.head = memoryview(head)[sent:]
+            if sent:
+                self.blocked_since = None
+            if self.blocked_since is None:
+                self.blocked_since = time.monotonic()
+            return BLOCKED
+
+    def _idle(self) -> int:
+        self.scheduled = False
+        return FLUSHED
+
+
+class Writer:
+    """One thread that sends for many outboxes."""
+
+    def __init__(self, name: str) -> None:
+        self._ready: collections.deque[Outbox] = collections.deque()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sleeping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def schedule(self, outbox: Outbox) -> None:
+        """Hand an outbox to this writer, waking it only if it sleeps.
+
+        The writer sets ``_sleeping`` before its last look at the queue, so
+        either it sees this append or we see it asleep and wake it.
+        """
+        self._ready.append(outbox)
+        if self._sleeping:
+            self._sleeping = False
+            try:
+                self._wake_w.send(b"\0")
+            except BlockingIOError:
+                pass  # a wake-up is already pending
+
+    def _run(self) -> None:
+        ready = self._ready
+        select = self._selector.select
+        while True:
+            while ready:
+                self._flush(ready.popleft())
+            self._sleeping = True
+            if ready:
+                self._sleeping = False
+                continue
+            events = select()
+            self._sleeping = False
+            for key, _ in events:
+                outbox = key.data
+                if outbox is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._selector.unregister(key.fileobj)
+                outbox.registered = False
+                self._flush(outbox)
+
+    def _flush(self, outbox: Outbox) -> None:
+        state = outbox.flush()
+        if state == FLUSHED:
+            return
+        if state == AGAIN:
+            self._ready.append(outbox)
+        elif state == BLOCKED:
+            if not outbox.registered:
+                self._selector.register(outbox.transport, selectors.EVENT_WRITE, outbox)
+                outbox.registered = True
+        else:  # GONE
+            if outbox.registered:
+                self._selector.unregister(outbox.transport)
+                outbox.registered = False
+            outbox.transport.close()
+
+
+class WriterPool:
+    """A fixed set of writers; each new connection goes to the next one."""
+
+    def __init__(self, size: int) -> None:
+        self._writers = [Writer(f"writer-{i}") for i in range(size)]
+        self._next = itertools.cycle(self._writers)
+
+    def pick(self) -> Writer:
+        return next(self._next)

@@ -1,0 +1,218 @@
+"""The broadcast server: accept connections, relay every message to everyone, stop gracefully.
+
+Threads: one acceptor, one reader per connection (``Connection.run``), a
+small pool of writers (``outbox``), and one ticker for keepalive and
+deadlines. The main thread only waits for SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+
+from websockets.frames import CloseCode, Frame, Opcode
+
+from . import handshake
+from .config import parse_server_args
+from .connection import Connection
+from .hub import Hub
+from .outbox import WriterPool
+from .transport import PlainTransport
+
+log = logging.getLogger("broadcast.server")
+
+# Pending connections the kernel may hold for us; a burst of clients waits
+# there instead of being refused (Linux caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+# Writers are mostly in send(), which releases the GIL; two keep the socket
+# layer busy while a reader parses, more only add contention.
+WRITER_THREADS = 2
+# Readers only block in recv; a small stack lets 10,000 of them fit without
+# reserving 80 GB of address space at the 8 MiB default.
+THREAD_STACK_BYTES = 256 * 1024
+# The ticker looks at deadlines at least this often.
+TICK_MAX_S = 0.5
+# After accept() fails for lack of file descriptors, wait this long before
+# trying again rather than spinning on the error.
+ACCEPT_BACKOFF_S = 0.1
+
+
+def text_frame(text: str) -> bytes:
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+class Server:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.hub = Hub()
+        self.writers = WriterPool(WRITER_THREADS)
+        self.origins = None
+        self.wire_log = logging.getLogger("broadcast.wire")
+        self._conns: set[Connection] = set()  # accepted, handshaking or joined
+        self._conns_changed = threading.Condition()
+        self._stopping = False
+        self._listener: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+
+    # Lifecycle (main thread).
+
+    def listen(self) -> None:
+        """Bind and listen; raises OSError (port in use, bad host)."""
+        listener = socket.create_server(
+            (self.config.host, self.config.port), backlog=LISTEN_BACKLOG
+        )
+        self._listener = listener
+        self.address = listener.getsockname()[:2]
+        log.info("listening on ws://%s:%d%s", self.address[0], self.address[1], handshake.WS_PATH)
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
+        threading.Thread(target=self._tick_loop, name="ticker", daemon=True).start()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop accepting, close every client with 1001 after what it is owed, wait."""
+        deadline = time.monotonic() + timeout
+        with self._conns_changed:
+            self._stopping = True
+            conns = tuple(self._conns)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self._listener.close()
+        log.info("shutting down: closing %d connection(s)", len(conns))
+        for conn in conns:
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        with self._conns_changed:
+            self._conns_changed.wait_for(lambda: not self._conns, deadline - time.monotonic())
+            left = tuple(self._conns)
+        for conn in left:
+            conn.abort("shutdown timeout")
+        if left:
+            log.warning("shutdown timeout: dropped %d connection(s)", len(left))
+        log.info("stopped")
+
+    # Acceptor and ticker threads.
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError as exc:
+                if self._stopping:
+                    return
+                log.error("accept failed: %s", exc)
+                time.sleep(ACCEPT_BACKOFF_S)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, PlainTransport(sock, peer), peer)
+            with self._conns_changed:
+                if self._stopping:
+                    sock.close()
+                    return
+                self._conns.add(conn)
+            try:
+                threading.Thread(target=conn.run, name=f"conn-{peer}", daemon=True).start()
+            except RuntimeError as exc:  # out of threads
+                log.error("cannot serve %s: %s", peer, exc)
+                self.forget(conn)
+                sock.close()
+
+    def _tick_loop(self) -> None:
+        c = self.config
+        periods = [p / 4 for p in (c.ping_interval, c.ping_timeout, c.write_timeout) if p]
+        period = max(0.01, min([TICK_MAX_S, *periods]))
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._conns_changed:
+                conns = tuple(self._conns)
+            for conn in conns:
+                conn.tick(now, c.ping_interval, c.ping_timeout, c.write_timeout)
+
+    # Called by connections.
+
+    def admit(self, conn: Connection, request):
+        """Answer the opening handshake: a 101 response, or a refusal."""
+        protocol = conn.protocol
+        try:
+            admission = handshake.admit(request.path)
+            if len(self._conns) > self.config.max_connections:
+                raise handshake.Refused(503, "server full, try again later")
+        except handshake.Refused as refusal:
+            log.info("refused %s: %d %s", conn.peer, refusal.status, refusal.reason)
+            return protocol.reject(refusal.status, refusal.reason + "\n")
+        response = protocol.accept(request)
+        if response.status_code == 101:
+            conn.username = admission.username
+            if admission.username is not None:
+                conn.prefix = f"[{admission.username}] ".encode()
+        else:
+            log.info("refused %s: %d %s", conn.peer, response.status_code, response.reason_phrase)
+        return response
+
+    def arrive(self, conn: Connection) -> None:
+        conn.joined = True
+        notice = text_frame(f"* {conn.username} joined") if conn.username else None
+        online = self.hub.join(conn, notice)
+        log.info("connect %s (%d online)", conn.label, online)
+
+    def depart(self, conn: Connection) -> None:
+        notice = text_frame(f"* {conn.username} left") if conn.username else None
+        online = self.hub.leave(conn, notice)
+        log.info("disconnect %s: %s (%d online)", conn.label, conn.why, online)
+
+    def forget(self, conn: Connection) -> None:
+        with self._conns_changed:
+            self._conns.discard(conn)
+            self._conns_changed.notify_all()
+
+    def relay(self, conn: Connection, opcode, payload: bytes) -> None:
+        """A whole message arrived: attribute it and encode it once for everyone."""
+        if opcode is Opcode.TEXT and conn.prefix:
+            payload = conn.prefix + payload
+        self.hub.broadcast(Frame(opcode, payload).serialize(mask=False))
+
+
+def _raise_open_file_limit() -> None:
+    """Each client is a file descriptor; take all the kernel allows us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_server_args(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    # websockets logs every open and close at INFO; ours already does, once.
+    logging.getLogger("broadcast.wire").setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
+    _raise_open_file_limit()
+    threading.stack_size(THREAD_STACK_BYTES)
+
+    server = Server(config)
+    try:
+        server.listen()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():
+            os._exit(1)  # a second signal: the operator does not want to wait
+        stop.set()
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    stop.wait()
+    server.shutdown(config.shutdown_timeout)
+    return 0
