@@ -119,6 +119,22 @@ def server_parser() -> OneLineParser:
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0, metavar="SECONDS",
                    help="how long SIGINT/SIGTERM waits for clients to close (default %(default)s)")
     p.add_argument("--log-level", type=_log_level, default="INFO", help="(default %(default)s)")
+    security = p.add_argument_group("security")
+    security.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                          help="accept browsers only from this Origin (repeatable); "
+                               "without it every origin is accepted")
+    security.add_argument("--token", default=None,
+                          help="shared secret clients must present as 'Authorization: Bearer TOKEN' or ?token=")
+    security.add_argument("--certfile", default=None, help="PEM certificate chain: serve wss:// instead of ws://")
+    security.add_argument("--keyfile", default=None, help="PEM private key, if not inside --certfile")
+    security.add_argument("--rate-limit", type=seconds, default=0.0, metavar="MSGS_PER_SEC",
+                          help="messages a client may send per second on average; over it, close 1008 (default off)")
+    security.add_argument("--rate-burst", type=count, default=None, metavar="MSGS",
+                          help="messages a client may send at once under --rate-limit (default: one second's worth)")
+    security.add_argument("--max-connections-per-ip", type=count, default=0,
+                          help="connections one address may hold; past it HTTP 429 (default off)")
+    security.add_argument("--require-username", action="store_true",
+                          help="refuse anonymous clients, who could otherwise type '[Bob] hi' and pass as Bob")
     return p
 
 
@@ -134,7 +150,13 @@ def client_parser() -> OneLineParser:
 
 
 def parse_server_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return server_parser().parse_args(argv)
+    parser = server_parser()
+    config = parser.parse_args(argv)
+    if config.keyfile and not config.certfile:
+        parser.error("--keyfile needs --certfile")
+    if config.rate_burst is None:
+        config.rate_burst = max(1, round(config.rate_limit))
+    return config
 
 
 def parse_client_args(argv: list[str] | None = None) -> argparse.Namespace:

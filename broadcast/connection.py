@@ -21,6 +21,7 @@ from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from .handshake import Refused
+from .limits import TokenBucket
 from .outbox import Outbox
 
 log = logging.getLogger("broadcast.server")
@@ -40,10 +41,11 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class Connection:
-    def __init__(self, server, transport, peer: str) -> None:
+    def __init__(self, server, transport, ip: str, peer: str) -> None:
         config = server.config
         self.server = server
         self.transport = transport
+        self.ip = ip
         self.peer = peer
         self.lock = threading.Lock()
         self.protocol = ServerProtocol(
@@ -55,6 +57,7 @@ class Connection:
         self.username: str | None = None
         self.prefix = b""  # "[NAME] ", what the server puts before a named client's text
         self.joined = False
+        self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self.why = "connection lost"  # for the disconnect log line
         # Message being reassembled from fragments.
         self._parts: list[bytes] = []
@@ -83,6 +86,8 @@ class Connection:
         """Run the opening handshake under the open timeout."""
         sock = self.transport.sock
         sock.settimeout(self.server.config.open_timeout or None)
+        if not self.transport.handshake():
+            return False
         received = 0
         request = None
         while request is None:
@@ -144,8 +149,7 @@ class Connection:
             if frame.fin:
                 if opcode is _TEXT and not self._valid_text(frame.data, True):
                     return False
-                self.server.relay(self, opcode, frame.data)
-                return True
+                return self._deliver(opcode, frame.data)
             self._opcode = opcode
             self._parts = [frame.data]
             self._decoder = _utf8_decoder() if opcode is _TEXT else None
@@ -158,7 +162,7 @@ class Connection:
                 payload = b"".join(self._parts)
                 self._parts = []
                 self._decoder = None
-                self.server.relay(self, self._opcode, payload)
+                return self._deliver(self._opcode, payload)
             return True
         if opcode is _PONG:
             if frame.data == self._ping:
@@ -166,6 +170,13 @@ class Connection:
             return True
         if opcode is _CLOSE and self.protocol.close_rcvd_then_sent:
             self.why = f"closed by client: {self.protocol.close_rcvd}"
+        return True
+
+    def _deliver(self, opcode, payload: bytes) -> bool:
+        if self._bucket is not None and not self._bucket.take():
+            self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        self.server.relay(self, opcode, payload)
         return True
 
     def _valid_text(self, data: bytes, final: bool) -> bool:

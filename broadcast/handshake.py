@@ -7,6 +7,7 @@ with websockets' ``ServerProtocol.accept``.
 
 from __future__ import annotations
 
+import hmac
 import http
 import unicodedata
 from dataclasses import dataclass
@@ -22,10 +23,19 @@ _FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 class Refused(Exception):
     """The request is answered with ``status`` and ``reason`` instead of a WebSocket."""
 
-    def __init__(self, status: http.HTTPStatus, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The operator's access rules, from the server's configuration."""
+
+    token: str | None = None
+    require_username: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,18 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def admit(path: str) -> Admission:
-    """Check the request target; raise Refused, or say who is joining."""
+def _authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
+    """A bearer header or ``?token=``, compared in constant time."""
+    presented = [v[len("Bearer "):] for v in headers.get_all("Authorization")
+                 if v.startswith("Bearer ")]
+    presented += query.get("token", [])
+    if len(presented) != 1:
+        return False
+    return hmac.compare_digest(presented[0].encode(), token.encode())
+
+
+def admit(path: str, headers, policy: Policy) -> Admission:
+    """Check the request target and credentials; raise Refused, or say who is joining."""
     target = urlsplit(path)
     if target.path != WS_PATH:
         raise Refused(http.HTTPStatus.NOT_FOUND, f"no WebSocket at {target.path}; use {WS_PATH}")
@@ -54,8 +74,13 @@ def admit(path: str) -> Admission:
                          errors="strict", max_num_fields=16)
     except (ValueError, UnicodeDecodeError):
         raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed query string") from None
+    if policy.token is not None and not _authorized(policy.token, headers, query):
+        raise Refused(http.HTTPStatus.UNAUTHORIZED, "missing or invalid token",
+                      (("WWW-Authenticate", 'Bearer realm="broadcast"'),))
     names = query.get("username")
     if names is None:
+        if policy.require_username:
+            raise Refused(http.HTTPStatus.BAD_REQUEST, "username required: connect to /ws?username=NAME")
         return Admission(None)
     if len(names) > 1:
         raise Refused(http.HTTPStatus.BAD_REQUEST, "invalid username: given more than once")

@@ -34,7 +34,7 @@ class Outbox:
 
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "queued", "head",
-        "scheduled", "closing", "eof", "dead", "registered", "blocked_since",
+        "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
     )
 
     def __init__(self, transport, writer: Writer, limit: int) -> None:
@@ -48,6 +48,7 @@ class Outbox:
         self.scheduled = False
         self.closing = False  # a close frame is queued or the client is evicted
         self.eof = False  # half-close once everything is sent
+        self.half_close = False  # eof reached the transport; shut down after head
         self.dead = False  # the reader is done; the socket can go
         self.registered = False  # in the writer's epoll set (writer thread only)
         self.blocked_since: float | None = None  # socket full since then
@@ -117,17 +118,16 @@ class Outbox:
                 chunks.clear()
                 self.queued = 0
                 self.head = bytes(self.head) + data if self.head else data
+            if self.eof and not self.head:
+                self.eof = False
+                self.half_close = True
+                self.head = transport.finish()
             head = self.head
             if not head:
-                if self.eof:
-                    self.eof = False
-                    tail = transport.finish()
-                    if tail:
-                        self.head = tail
-                        return AGAIN
+                if self.half_close:
+                    self.half_close = False
                     transport.shutdown_write()
-                self.scheduled = False
-                return FLUSHED
+                return self._idle()
         try:
             sent = transport.send_nowait(head)
         except (BlockingIOError, InterruptedError):
@@ -145,7 +145,8 @@ class Outbox:
             if sent == len(head):
                 self.head = b""
                 self.blocked_since = None
-                return AGAIN if self.chunks or self.eof else self._idle()
+                more = self.chunks or self.eof or self.half_close
+                return AGAIN if more else self._idle()
             self.head = memoryview(head)[sent:]
             if sent:
                 self.blocked_since = None

@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -21,7 +22,9 @@ from . import handshake
 from .config import parse_server_args
 from .connection import Connection
 from .hub import Hub
+from .limits import AddressCounts
 from .outbox import WriterPool
+from .tls import TLSTransport, server_context
 from .transport import PlainTransport
 
 log = logging.getLogger("broadcast.server")
@@ -48,12 +51,16 @@ def text_frame(text: str) -> bytes:
 
 class Server:
     def __init__(self, config) -> None:
+        """Raises OSError or ssl.SSLError if the TLS certificate cannot be loaded."""
         self.config = config
+        self.tls = server_context(config.certfile, config.keyfile) if config.certfile else None
+        self.policy = handshake.Policy(config.token, config.require_username)
+        self.origins = config.allowed_origin or None
         self.hub = Hub()
         self.writers = WriterPool(WRITER_THREADS)
-        self.origins = None
         self.wire_log = logging.getLogger("broadcast.wire")
         self._conns: set[Connection] = set()  # accepted, handshaking or joined
+        self._per_ip = AddressCounts()  # of self._conns, under the same lock
         self._conns_changed = threading.Condition()
         self._stopping = False
         self._listener: socket.socket | None = None
@@ -68,7 +75,8 @@ class Server:
         )
         self._listener = listener
         self.address = listener.getsockname()[:2]
-        log.info("listening on ws://%s:%d%s", self.address[0], self.address[1], handshake.WS_PATH)
+        scheme = "wss" if self.tls else "ws"
+        log.info("listening on %s://%s:%d%s", scheme, *self.address, handshake.WS_PATH)
 
     def start(self) -> None:
         threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
@@ -111,18 +119,23 @@ class Server:
                 continue
             peer = f"{addr[0]}:{addr[1]}"
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self, PlainTransport(sock, peer), peer)
+            if self.tls:
+                transport = TLSTransport(sock, peer, self.tls)
+            else:
+                transport = PlainTransport(sock, peer)
+            conn = Connection(self, transport, addr[0], peer)
             with self._conns_changed:
                 if self._stopping:
                     sock.close()
                     return
                 self._conns.add(conn)
+                self._per_ip.add(conn.ip)
             try:
                 threading.Thread(target=conn.run, name=f"conn-{peer}", daemon=True).start()
             except RuntimeError as exc:  # out of threads
                 log.error("cannot serve %s: %s", peer, exc)
                 self.forget(conn)
-                sock.close()
+                transport.close()
 
     def _tick_loop(self) -> None:
         c = self.config
@@ -141,13 +154,19 @@ class Server:
     def admit(self, conn: Connection, request):
         """Answer the opening handshake: a 101 response, or a refusal."""
         protocol = conn.protocol
+        limit_per_ip = self.config.max_connections_per_ip
         try:
-            admission = handshake.admit(request.path)
+            admission = handshake.admit(request.path, request.headers, self.policy)
             if len(self._conns) > self.config.max_connections:
                 raise handshake.Refused(503, "server full, try again later")
+            if limit_per_ip and self._per_ip[conn.ip] > limit_per_ip:
+                raise handshake.Refused(429, "too many connections from your address")
         except handshake.Refused as refusal:
             log.info("refused %s: %d %s", conn.peer, refusal.status, refusal.reason)
-            return protocol.reject(refusal.status, refusal.reason + "\n")
+            response = protocol.reject(refusal.status, refusal.reason + "\n")
+            for name, value in refusal.headers:
+                response.headers[name] = value
+            return response
         response = protocol.accept(request)
         if response.status_code == 101:
             conn.username = admission.username
@@ -170,7 +189,8 @@ class Server:
 
     def forget(self, conn: Connection) -> None:
         with self._conns_changed:
-            self._conns.discard(conn)
+            self._conns.remove(conn)
+            self._per_ip.remove(conn.ip)
             self._conns_changed.notify_all()
 
     def relay(self, conn: Connection, opcode, payload: bytes) -> None:
@@ -195,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_file_limit()
     threading.stack_size(THREAD_STACK_BYTES)
 
-    server = Server(config)
+    try:
+        server = Server(config)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load TLS certificate %s: %s", config.certfile, exc)
+        return 2
     try:
         server.listen()
     except OSError as exc:

@@ -25,6 +25,10 @@ class PlainTransport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def handshake(self) -> bool:
+        """Transport-level handshake before HTTP; nothing to do in plain TCP."""
+        return True
+
     def recv(self) -> bytes:
         """Block for incoming bytes; ``b""`` means the peer is gone."""
         try:

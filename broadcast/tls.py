@@ -1,0 +1,91 @@
+"""TLS for wss://, as a transport that encrypts in memory.
+
+A blocking ``SSLSocket.sendall`` ignores socket timeouts, and an SSL object
+must not be read and written by two threads at once. So the socket stays a
+plain, raw one (sent to without blocking by the writers, exactly as for
+ws://) and OpenSSL works on memory buffers (``ssl.MemoryBIO``) under a lock:
+the reader decrypts what it received, the one active writer encrypts what it
+is about to send. A slow TLS client is then evicted exactly like a plain one.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+
+from .transport import RECV_BYTES, PlainTransport
+
+
+def server_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    """Raises OSError or ssl.SSLError when the certificate cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+class TLSTransport(PlainTransport):
+    __slots__ = ("_tls", "_incoming", "_outgoing", "_lock")
+
+    def __init__(self, sock, peer: str, context: ssl.SSLContext) -> None:
+        super().__init__(sock, peer)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._lock = threading.Lock()
+
+    def handshake(self) -> bool:
+        """Complete the TLS handshake in the reader thread, under the open timeout."""
+        while True:
+            with self._lock:
+                try:
+                    self._tls.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                except ssl.SSLError:
+                    return False
+                out = self._outgoing.read()
+            try:
+                if out:
+                    self.sock.sendall(out)  # bounded by the socket's open timeout
+                if done:
+                    return True
+                data = self.sock.recv(RECV_BYTES)
+            except OSError:
+                return False
+            if not data:
+                return False
+            with self._lock:
+                self._incoming.write(data)
+
+    def recv(self) -> bytes:
+        while True:
+            with self._lock:
+                try:
+                    return self._tls.read(RECV_BYTES)  # b"" after close_notify
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError:
+                    return b""
+            data = super().recv()
+            if not data:
+                return b""
+            with self._lock:
+                self._incoming.write(data)
+
+    def encode(self, data: bytes) -> bytes:
+        with self._lock:
+            try:
+                self._tls.write(data)
+            except ssl.SSLError:
+                self.abort()  # the session is broken; the reader will notice
+            return self._outgoing.read()
+
+    def finish(self) -> bytes:
+        with self._lock:
+            try:
+                self._tls.unwrap()
+            except ssl.SSLError:
+                pass  # SSLWantReadError: the peer's close_notify is not here yet
+            return self._outgoing.read()

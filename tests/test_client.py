@@ -1,0 +1,390 @@
+"""The chat client, run as a real process against real servers on 127.0.0.1.
+
+Most tests use the project's server (the ``server`` and ``start_server``
+fixtures). The close code a client sends is not visible to the other clients
+of a broadcast server, so the tests about it use a small websockets server
+that records the close frame it receives.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pexpect
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+from websockets.sync.server import serve
+
+from broadcast.client import server_url
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = [sys.executable, "scripts/client.py"]
+WAIT = 5.0  # seconds for any one expected event
+
+
+def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLIENT, *args], cwd=ROOT, input=input, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Lines:
+    """Lines of a child's pipe, read by a thread so that a test can wait with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def expect(self, wanted: str, timeout: float = WAIT) -> str:
+        """The first new line containing ``wanted``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"stream ended before {wanted!r}; lines: {self.seen}")
+            self.seen.append(line)
+            if wanted in line:
+                return line
+
+    def all(self, timeout: float = WAIT) -> list[str]:
+        """Every line, once the stream has ended."""
+        deadline = time.monotonic() + timeout
+        while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.seen.append(line)
+        return self.seen
+
+
+class PipedClient:
+    """A client in pipe mode whose stdin stays open until the test closes it."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*CLIENT, *args], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout = Lines(self.proc.stdout)
+        self.stderr = Lines(self.proc.stderr)
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def piped():
+    clients: list[PipedClient] = []
+
+    def start(*args: str) -> PipedClient:
+        clients.append(PipedClient(*args))
+        return clients[-1]
+
+    yield start
+    for client in clients:
+        client.kill()
+
+
+@pytest.fixture
+def terminal():
+    """Start the client under a pseudo-terminal; everything it shows is in ``.screen``."""
+    children: list[pexpect.spawn] = []
+
+    def start(*args: str) -> pexpect.spawn:
+        child = pexpect.spawn(sys.executable, [*CLIENT[1:], *args], cwd=str(ROOT),
+                              env={**os.environ, "TERM": "xterm"}, encoding="utf-8",
+                              timeout=WAIT, dimensions=(24, 160))
+        child.screen = io.StringIO()
+        child.logfile_read = child.screen
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close(force=True)
+
+
+@pytest.fixture
+def observer(server):
+    """An anonymous raw WebSocket client of ``server``."""
+    with connect(server.url, open_timeout=WAIT, close_timeout=1) as ws:
+        yield ws
+
+
+def receive_until(ws, wanted: str | bytes, timeout: float = WAIT) -> list:
+    """Messages received up to and including ``wanted``."""
+    deadline = time.monotonic() + timeout
+    got = []
+    while not got or got[-1] != wanted:
+        got.append(ws.recv(timeout=max(0.0, deadline - time.monotonic())))
+    return got
+
+
+@pytest.fixture
+def recording_server():
+    """A websockets server that reads and drops messages, and records each close code received."""
+    close_codes: queue.Queue[int | None] = queue.Queue()
+
+    def handler(ws) -> None:
+        try:
+            while True:
+                ws.recv()
+        except ConnectionClosed as exc:
+            close_codes.put(exc.rcvd.code if exc.rcvd else None)
+
+    with serve(handler, "127.0.0.1", 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        yield SimpleNamespace(addr=f"127.0.0.1:{srv.socket.getsockname()[1]}",
+                              close_codes=close_codes)
+        srv.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_exit(child: pexpect.spawn) -> int:
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+# URL
+
+@pytest.mark.parametrize(("addr", "username", "url"), [
+    ("localhost:8080", "Alice", "ws://localhost:8080/ws?username=Alice"),
+    ("localhost:8080", None, "ws://localhost:8080/ws"),
+    ("127.0.0.1:9", " x&y=z/ö", "ws://127.0.0.1:9/ws?username=%20x%26y%3Dz%2F%C3%B6"),
+    ("[::1]:8080", None, "ws://[::1]:8080/ws"),
+    ("ws://example.com:81", "Al", "ws://example.com:81/ws?username=Al"),
+    ("wss://example.com/", None, "wss://example.com/ws"),
+    ("ws://example.com/chat", "Al", "ws://example.com/chat?username=Al"),
+    ("ws://example.com/ws?room=1", "Al", "ws://example.com/ws?room=1&username=Al"),
+])
+def test_server_url(addr, username, url):
+    assert server_url(addr, username) == url
+
+
+@pytest.mark.parametrize("addr", ["http://example.com", ":8080", "example.com:99999", "example.com:x"])
+def test_unusable_addr_is_a_usage_error(addr):
+    result = run_client("--addr", addr)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and addr in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("form", ["ws://{addr}", "ws://{addr}/", "ws://{addr}/ws"])
+def test_addr_as_url(server, form):
+    result = run_client("--addr", form.format(addr=server.addr), "--username", "Bob", input="hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[Bob] hi\n", "")
+
+
+# Pipe mode
+
+def test_pipe_prints_own_echo_and_exits_0(server):
+    result = run_client("--addr", server.addr, "--username", "Bob", input="hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[Bob] hi\n", "")
+
+
+def test_pipe_anonymous_echo_is_unchanged(server):
+    result = run_client("--addr", server.addr, input="hello [world]\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "hello [world]\n", "")
+
+
+def test_pipe_skips_empty_lines_and_keeps_order(server, observer):
+    result = run_client("--addr", server.addr, "--username", "Bob",
+                        input="one\n\ntwo\n\n\nthree\n/quit\nnot sent\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[Bob] one", "[Bob] two", "[Bob] three"]
+    assert receive_until(observer, "* Bob left") == [
+        "* Bob joined", "[Bob] one", "[Bob] two", "[Bob] three", "* Bob left"]
+
+
+def test_pipe_prints_messages_of_others_and_binary(server, observer, piped):
+    client = piped("--addr", server.addr, "--username", "Carol")
+    receive_until(observer, "* Carol joined")
+    observer.send("from observer")
+    observer.send(b"\x00\x01\x02")
+    client.stdout.expect("from observer")
+    client.stdout.expect("[binary 3 bytes]")
+    client.proc.stdin.close()
+    assert client.wait() == 0
+    assert client.stdout.seen == ["from observer", "[binary 3 bytes]"]
+    receive_until(observer, "* Carol left")
+
+
+def test_pipe_end_of_input_closes_with_1000_after_linger(recording_server):
+    """This server never echoes: the client waits --linger, then closes cleanly."""
+    started = time.monotonic()
+    result = run_client("--addr", recording_server.addr, "--username", "Bob", "--linger", "0.5",
+                        input="hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert time.monotonic() - started >= 0.5
+    assert recording_server.close_codes.get(timeout=WAIT) == 1000
+
+
+# Interactive mode
+
+def test_interactive_sends_typed_line_and_shows_echo(server, terminal):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    child.send("hello there\r")
+    child.expect_exact("[Alice] hello there")
+    child.expect_exact("> ")
+    child.send("\r")  # an empty line is not sent
+    child.send("/quit\r")
+    assert wait_exit(child) == 0
+    assert child.screen.getvalue().count("[Alice]") == 1
+
+
+def test_interactive_message_arrives_while_typing(server, observer, terminal):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    receive_until(observer, "* Alice joined")
+    child.send("hal")
+    child.expect_exact("hal")
+    observer.send("ping from observer")
+    # The message replaces the prompt line, and the prompt comes back with "hal" on it.
+    child.expect_exact("\x1b[2Kping from observer\r\n> hal")
+    child.send("f done\r")
+    assert receive_until(observer, "[Alice] half done")[-1] == "[Alice] half done"
+    child.expect_exact("[Alice] half done")
+    child.send("/quit\r")
+    assert wait_exit(child) == 0
+
+
+QUIT_KEYS = {
+    "ctrl-d": lambda child: child.sendeof(),
+    "ctrl-c": lambda child: child.sendintr(),
+    "/quit": lambda child: child.send("/quit\r"),
+}
+
+
+@pytest.mark.parametrize("key", QUIT_KEYS)
+def test_interactive_quit_leaves_cleanly(key, server, observer, terminal):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    receive_until(observer, "* Alice joined")
+    QUIT_KEYS[key](child)
+    assert wait_exit(child) == 0
+    receive_until(observer, "* Alice left")
+    assert "Traceback" not in child.screen.getvalue()
+
+
+@pytest.mark.parametrize("key", QUIT_KEYS)
+def test_interactive_quit_sends_close_1000(key, recording_server, terminal):
+    child = terminal("--addr", recording_server.addr)
+    child.expect_exact("> ")
+    child.send("half typed")  # Ctrl+C with a half-typed line, Ctrl+D on an empty one
+    child.expect_exact("half typed")
+    if key != "ctrl-c":
+        child.send("\r")
+    QUIT_KEYS[key](child)
+    assert wait_exit(child) == 0
+    assert recording_server.close_codes.get(timeout=WAIT) == 1000
+    assert "Traceback" not in child.screen.getvalue()
+
+
+# The server goes away
+
+def test_interactive_server_shutdown(server, terminal):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    child.send("hal")
+    child.expect_exact("hal")
+    server.stop(signal.SIGTERM)
+    child.expect(r"connection closed by server: 1001[^\r\n]*\r\n")
+    assert wait_exit(child) == 0
+    screen = child.screen.getvalue()
+    assert screen.count("connection") == 1
+    assert "Traceback" not in screen
+
+
+def test_interactive_server_killed(server, terminal):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    server.stop(signal.SIGKILL)
+    child.expect(r"connection lost: [^\r\n]+\r\n")
+    assert wait_exit(child) == 1
+    screen = child.screen.getvalue()
+    assert screen.count("connection") == 1
+    assert "Traceback" not in screen
+
+
+@pytest.mark.parametrize(("sig", "line", "status"), [
+    (signal.SIGTERM, "connection closed by server: 1001", 0),
+    (signal.SIGKILL, "connection lost: ", 1),
+])
+def test_pipe_server_goes_away_while_input_is_open(server, piped, sig, line, status):
+    client = piped("--addr", server.addr, "--username", "Bob")
+    client.send("hi")
+    client.stdout.expect("[Bob] hi")
+    server.stop(sig)
+    assert client.wait() == status
+    errors = client.stderr.all()
+    assert len(errors) == 1 and errors[0].startswith(line), errors
+    assert client.stdout.all() == ["[Bob] hi"]
+
+
+def test_close_for_a_too_big_message_exits_1(start_server):
+    server = start_server("--max-message-size", "100")
+    result = run_client("--addr", server.addr, input="x" * 200 + "\n")
+    assert result.returncode == 1
+    assert result.stderr.startswith("connection closed by server: 1009")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+# Cannot connect
+
+def test_refused_connection():
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    result = run_client("--addr", url.removeprefix("ws://").removesuffix("/ws"))
+    assert result.returncode == 1
+    assert result.stderr == f"broadcast-client: cannot connect to {url}: connection refused\n"
+
+
+def test_unknown_host():
+    result = run_client("--addr", "nonexistent.invalid:80")
+    assert result.returncode == 1
+    assert result.stderr.startswith("broadcast-client: cannot connect to ws://nonexistent.invalid:80/ws: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_rejected_handshake_names_url_and_reason(server):
+    name = "x" * 40
+    result = run_client("--addr", server.addr, "--username", name)
+    assert result.returncode == 1
+    prefix = f"broadcast-client: {server.url}?username={name} rejected the handshake: HTTP 400 "
+    assert result.stderr.startswith(prefix)
+    assert "username" in result.stderr.removeprefix(prefix)
+    assert result.stderr.count("\n") == 1
+
+
+def test_wrong_path_is_rejected_with_404(server):
+    result = run_client("--addr", f"ws://{server.addr}/nope")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"broadcast-client: ws://{server.addr}/nope rejected the handshake: HTTP 404")
+    assert result.stderr.count("\n") == 1
