@@ -199,7 +199,7 @@ class Session:
                 self.expected.popleft()
                 self.cond.notify_all()
             if self.interactive:
-                redraw = ""
+                redraw = "" if self.closing else PROMPT + self.readline.get_line_buffer()
                 sys.stdout.write(f"{CLEAR_LINE}{text}\n{redraw}")
             else:
                 sys.stdout.write(text + "\n")

@@ -55,7 +55,9 @@ class Server:
         self.config = config
         self.tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.policy = handshake.Policy(config.token, config.require_username)
-        self.origins = config.allowed_origin or None
+        # Browsers always send Origin, so a missing one (None) is a non-browser
+        # client, which cross-site hijacking cannot use.
+        self.origins = [*config.allowed_origin, None] if config.allowed_origin else None
         self.hub = Hub()
         self.writers = WriterPool(WRITER_THREADS)
         self.wire_log = logging.getLogger("broadcast.wire")

@@ -1,0 +1,527 @@
+"""Raw RFC 6455 over a plain socket, for tests that must misbehave on purpose.
+
+Well-behaved clients (websockets, websocket-client) refuse to send a frame
+with RSV bits, a reserved opcode, an unmasked payload or a header announcing
+2**63 bytes. This module builds such frames byte by byte, does the opening
+handshake by hand (so that it can be broken too), and parses what the server
+sends back, close code included.
+
+It also holds the few probes the hardening tests share: a ``Watcher`` (a
+well-behaved websockets client collecting what it receives) and readers of
+``/proc/<pid>`` for a server's thread count, file descriptors and RSS.
+
+Every blocking call takes a timeout; nothing here waits forever.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+DATA_OPCODES = (OP_CONT, OP_TEXT, OP_BINARY)
+CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+KNOWN_OPCODES = DATA_OPCODES + CONTROL_OPCODES
+RESERVED_OPCODES = (0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF)
+
+# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry as
+# websockets applies it), and the 3000-4999 range left to applications.
+SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class Timeout(AssertionError):
+    """Nothing (or not enough) arrived within the timeout."""
+
+
+class PeerClosed(AssertionError):
+    """The server ended the TCP stream (EOF or reset) where a frame was expected."""
+
+
+# Frames.
+
+
+def build_frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    mask_key: bytes | None = None,
+    length: int | None = None,
+) -> bytes:
+    """One frame's bytes, exactly as told: any opcode (0-15), RSV bits (0-7), length.
+
+    ``length`` overrides the announced payload length (up to 2**64 - 1), so a
+    header can claim far more than ``payload``; the 64-bit form is used when
+    it needs it, or always when ``length >= 2**16``.
+    """
+    if not 0 <= opcode <= 0xF or not 0 <= rsv <= 7:
+        raise ValueError("opcode is 4 bits, rsv 3 bits")
+    announced = len(payload) if length is None else length
+    head1 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if mask else 0
+    if announced < 126:
+        header = struct.pack("!BB", head1, mask_bit | announced)
+    elif announced < 1 << 16:
+        header = struct.pack("!BBH", head1, mask_bit | 126, announced)
+    else:
+        header = struct.pack("!BBQ", head1, mask_bit | 127, announced)
+    if not mask:
+        return header + payload
+    key = os.urandom(4) if mask_key is None else mask_key
+    return header + key + apply_mask(payload, key)
+
+
+def apply_mask(data: bytes, key: bytes) -> bytes:
+    if not data:
+        return b""
+    # XOR as one big integer: fast enough for a MiB without numpy.
+    n = len(data)
+    repeated = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
+
+
+def close_payload(code: int | None = 1000, reason: bytes | str = b"") -> bytes:
+    if code is None:
+        return b""
+    if isinstance(reason, str):
+        reason = reason.encode()
+    return struct.pack("!H", code) + reason
+
+
+@dataclass
+class Frame:
+    fin: bool
+    rsv: int
+    opcode: int
+    payload: bytes
+    masked: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8")
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of a close frame; None when its payload is empty (1005)."""
+        assert self.opcode == OP_CLOSE, self
+        if len(self.payload) < 2:
+            return None
+        return struct.unpack("!H", self.payload[:2])[0]
+
+    @property
+    def close_reason(self) -> str:
+        assert self.opcode == OP_CLOSE, self
+        return self.payload[2:].decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        data = self.payload if len(self.payload) <= 40 else self.payload[:40] + b"..."
+        return f"Frame(op={self.opcode:#x}, fin={self.fin}, rsv={self.rsv}, len={len(self.payload)}, {data!r})"
+
+
+class FrameParser:
+    """Incremental parser of server-to-client frames; raises on anything a server must not send."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        while True:
+            frame = self._next()
+            if frame is None:
+                return frames
+            frames.append(frame)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not make a whole frame yet."""
+        return len(self._buf)
+
+    def _next(self) -> Frame | None:
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        head1, head2 = buf[0], buf[1]
+        length = head2 & 0x7F
+        pos = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            length = struct.unpack_from("!H", buf, 2)[0]
+            pos = 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            length = struct.unpack_from("!Q", buf, 2)[0]
+            pos = 10
+        masked = bool(head2 & 0x80)
+        if masked:
+            pos += 4
+        if len(buf) < pos + length:
+            return None
+        payload = bytes(buf[pos:pos + length])
+        if masked:
+            payload = apply_mask(payload, bytes(buf[pos - 4:pos]))
+        del buf[:pos + length]
+        frame = Frame(bool(head1 & 0x80), (head1 >> 4) & 7, head1 & 0xF, payload, masked)
+        if masked or frame.rsv or frame.opcode not in KNOWN_OPCODES:
+            raise AssertionError(f"server sent an invalid frame: {frame!r}, masked={masked}")
+        if frame.opcode in CONTROL_OPCODES and (not frame.fin or length > 125):
+            raise AssertionError(f"server sent an invalid control frame: {frame!r}")
+        return frame
+
+
+# Opening handshake.
+
+
+def make_key() -> str:
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def accept_for(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+
+
+def handshake_request(
+    port: int,
+    path: str = "/ws",
+    *,
+    key: str | None = None,
+    method: str = "GET",
+    version: str | None = "13",
+    extra_headers: list[tuple[str, str]] | tuple = (),
+    omit: tuple[str, ...] = (),
+) -> bytes:
+    """An opening handshake request; ``omit`` drops headers by (case-insensitive) name."""
+    headers = [
+        ("Host", f"127.0.0.1:{port}"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key or make_key()),
+        ("Sec-WebSocket-Version", version),
+    ]
+    dropped = {name.lower() for name in omit}
+    lines = [f"{method} {path} HTTP/1.1"]
+    lines += [f"{k}: {v}" for k, v in headers if v is not None and k.lower() not in dropped]
+    lines += [f"{k}: {v}" for k, v in extra_headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass
+class HTTPResponse:
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes = b""
+    rest: bytes = b""  # bytes after the head of a 101 response: the first frames
+
+
+def open_socket(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_some(sock: socket.socket, deadline: float) -> bytes:
+    """One recv bounded by ``deadline``; b"" on EOF or reset, Timeout when the deadline passes."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise Timeout("deadline passed")
+    sock.settimeout(remaining)
+    try:
+        return sock.recv(65536)
+    except socket.timeout:
+        raise Timeout("nothing received in time") from None
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def read_http_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> HTTPResponse | None:
+    """The server's response to a handshake; None if it hung up without one."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = recv_some(sock, deadline)
+        if not chunk:
+            if data:
+                raise AssertionError(f"truncated HTTP response: {data[:200]!r}")
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    version, status, *reason = lines[0].split(" ", 2)
+    assert version == "HTTP/1.1", lines[0]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    response = HTTPResponse(int(status), reason[0] if reason else "", headers)
+    if response.status == 101:
+        response.rest = rest
+        return response
+    # A refusal: the body is Content-Length bytes (the server closes after it).
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = recv_some(sock, deadline)
+        if not chunk:
+            break
+        rest += chunk
+    response.body = rest
+    return response
+
+
+# Connections.
+
+
+class RawWS:
+    """One client connection that sends whatever it is told to."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes = b"") -> None:
+        self.sock = sock
+        self.parser = FrameParser()
+        self.backlog: list[Frame] = self.parser.feed(leftover) if leftover else []
+        self.eof = False
+        self.send_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, port: int, *, username: str | None = None, path: str = "/ws",
+                timeout: float = DEFAULT_TIMEOUT) -> RawWS:
+        """Open a WebSocket by hand; asserts a correct 101 response."""
+        if username is not None:
+            path = f"{path}?username={username}"
+        sock = open_socket(port, timeout)
+        try:
+            key = make_key()
+            sock.sendall(handshake_request(port, path, key=key))
+            response = read_http_response(sock, timeout)
+            assert response is not None, "server hung up during the handshake"
+            assert response.status == 101, (response.status, response.reason, response.body)
+            assert response.headers.get("sec-websocket-accept") == accept_for(key), response.headers
+            assert response.headers.get("upgrade", "").lower() == "websocket", response.headers
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, response.rest)
+
+    # Sending.
+
+    def send_raw(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        with self.send_lock:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
+
+    def send_frame(self, opcode: int, payload: bytes = b"", timeout: float = DEFAULT_TIMEOUT, **kw) -> None:
+        self.send_raw(build_frame(opcode, payload, **kw), timeout)
+
+    def send_text(self, text: str | bytes, **kw) -> None:
+        self.send_frame(OP_TEXT, text.encode() if isinstance(text, str) else text, **kw)
+
+    def send_binary(self, data: bytes, **kw) -> None:
+        self.send_frame(OP_BINARY, data, **kw)
+
+    def ping(self, payload: bytes = b"", **kw) -> None:
+        self.send_frame(OP_PING, payload, **kw)
+
+    def send_close(self, code: int | None = 1000, reason: bytes | str = b"", **kw) -> None:
+        self.send_frame(OP_CLOSE, close_payload(code, reason), **kw)
+
+    # Receiving.
+
+    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """The next frame; Timeout, or PeerClosed when the server ended the stream first."""
+        deadline = time.monotonic() + timeout
+        while not self.backlog:
+            if self.eof:
+                raise PeerClosed(f"server closed the connection (pending {self.parser.pending} bytes)")
+            data = recv_some(self.sock, deadline)
+            if not data:
+                self.eof = True
+                continue
+            self.backlog.extend(self.parser.feed(data))
+        return self.backlog.pop(0)
+
+    def recv_until(self, predicate, timeout: float = DEFAULT_TIMEOUT) -> tuple[Frame, list[Frame]]:
+        """The first frame matching ``predicate``, and the frames before it."""
+        deadline = time.monotonic() + timeout
+        skipped = []
+        while True:
+            frame = self.recv_frame(max(0.0, deadline - time.monotonic()) or 0.001)
+            if predicate(frame):
+                return frame, skipped
+            skipped.append(frame)
+
+    def expect_close(self, timeout: float = DEFAULT_TIMEOUT, *, then_eof: bool = True) -> Frame:
+        """Skip data and pongs up to the server's close frame; then (optionally) its EOF."""
+        deadline = time.monotonic() + timeout
+        frame, _ = self.recv_until(lambda f: f.opcode == OP_CLOSE, timeout)
+        if then_eof:
+            self.wait_eof(max(0.001, deadline - time.monotonic()))
+        return frame
+
+    def wait_eof(self, timeout: float = DEFAULT_TIMEOUT) -> list[Frame]:
+        """Read until the server ends the stream; returns the frames read meanwhile."""
+        deadline = time.monotonic() + timeout
+        frames = self.backlog
+        self.backlog = []
+        while not self.eof:
+            data = recv_some(self.sock, deadline)
+            if not data:
+                self.eof = True
+            else:
+                frames.extend(self.parser.feed(data))
+        return frames
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> RawWS:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_eof_or_reset(sock: socket.socket, timeout: float) -> bool:
+    """True once the peer has closed the connection (EOF or RST) within ``timeout``; drains data."""
+    deadline = time.monotonic() + timeout
+    try:
+        while recv_some(sock, deadline):
+            pass
+        return True
+    except Timeout:
+        return False
+
+
+# A well-behaved client collecting messages, and process probes.
+
+
+class Watcher:
+    """A websockets sync client whose thread records every message it receives."""
+
+    def __init__(self, url: str, *, max_size: int | None = 2 ** 21, open_timeout: float = DEFAULT_TIMEOUT) -> None:
+        # Entered as a context manager, which websockets >= 17 wants, but
+        # held open across the test; close() exits it.
+        self._cm = connect(url, max_size=max_size, open_timeout=open_timeout, close_timeout=2)
+        self.ws = self._cm.__enter__()
+        self.messages: list[str | bytes] = []
+        self.closed: ConnectionClosed | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for message in self.ws:
+                with self._cond:
+                    self.messages.append(message)
+                    self._cond.notify_all()
+            self.closed = self.ws.protocol.close_exc
+        except ConnectionClosed as exc:
+            self.closed = exc
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> list:
+        """Wait until ``predicate(messages)``; returns the messages."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.messages) or self.closed is not None, timeout) \
+                    or not predicate(self.messages):
+                shown = [m if isinstance(m, str) and len(m) < 80 else f"<{len(m)}>" for m in self.messages[-10:]]
+                raise AssertionError(
+                    f"watcher did not get {what or 'what was expected'} within {timeout}s "
+                    f"(closed={self.closed!r}, {len(self.messages)} messages, last: {shown})")
+            return list(self.messages)
+
+    def wait_message(self, message, timeout: float = DEFAULT_TIMEOUT):
+        self.wait_for(lambda msgs: message in msgs, timeout, repr(message)[:80])
+
+    @property
+    def connected(self) -> bool:
+        return self.closed is None and self._thread.is_alive()
+
+    def close(self) -> None:
+        try:
+            self._cm.__exit__(None, None, None)
+        except Exception:
+            pass
+        self._thread.join(5)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_probe_counter = iter(range(10 ** 9))
+_probe_lock = threading.Lock()
+
+
+def assert_chat_works(url: str, watcher: Watcher, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """A fresh well-behaved client says something unique; ``watcher`` must hear it."""
+    with _probe_lock:
+        n = next(_probe_counter)
+    text = f"probe {os.getpid()}-{n}-{time.monotonic_ns()}"
+    assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
+    with connect(url, open_timeout=timeout, close_timeout=2) as ws:
+        ws.send(text)
+        watcher.wait_message(text, timeout)
+    assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
+    return text
+
+
+@dataclass
+class ProcStats:
+    threads: int
+    fds: int
+    rss_kb: int
+
+    def __str__(self) -> str:
+        return f"threads={self.threads} fds={self.fds} rss={self.rss_kb / 1024:.1f}MiB"
+
+
+def proc_stats(pid: int) -> ProcStats:
+    status = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            status[name] = value.strip()
+    return ProcStats(
+        threads=int(status["Threads"]),
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        rss_kb=int(status["VmRSS"].split()[0]),
+    )
+
+
+def wait_baseline(pid: int, baseline: ProcStats, timeout: float = 10.0, slack_fds: int = 0) -> ProcStats:
+    """Poll /proc until threads and FDs are back to ``baseline``; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = proc_stats(pid)
+        if now.threads <= baseline.threads and now.fds <= baseline.fds + slack_fds:
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server did not return to baseline within {timeout}s: "
+                                 f"baseline {baseline}, now {now}")
+        time.sleep(0.05)

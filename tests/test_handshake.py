@@ -1,0 +1,151 @@
+"""The admission rules of broadcast.handshake, as pure functions: no sockets here.
+
+Names are 1 to 32 characters, with no control (or formatting) characters and
+no surrounding whitespace; the WebSocket lives at /ws and nowhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from websockets.datastructures import Headers
+
+from broadcast import handshake
+from broadcast.handshake import Admission, Refused, name_problem
+
+
+def admit(path: str):
+    """``handshake.admit`` for a request with no extra headers, under the default policy."""
+    if len(inspect.signature(handshake.admit).parameters) == 1:
+        return handshake.admit(path)
+    return handshake.admit(path, Headers(), handshake.Policy())
+
+GOOD_NAMES = [
+    "a",
+    "alice",
+    "Bob_42",
+    "x" * 32,
+    "é" * 32,  # 32 characters, 64 bytes: the limit counts characters
+    "李" * 32,
+    "Zoë",
+    "a b",  # inner spaces are fine
+    "[bob]",
+    "* x",
+    "🙂",
+]
+
+BAD_NAMES = {
+    "empty": "",
+    "33 characters": "x" * 33,
+    "33 wide characters": "李" * 33,
+    "leading space": " alice",
+    "trailing space": "alice ",
+    "only spaces": "   ",
+    "leading tab": "\talice",
+    "trailing newline": "alice\n",
+    "non-breaking space around": "\u00a0alice",
+    "NUL": "a\x00b",
+    "BEL": "a\x07b",
+    "newline inside": "a\nb",
+    "carriage return inside": "a\rb",
+    "tab inside": "a\tb",
+    "escape": "a\x1b[31mb",
+    "DEL": "a\x7fb",
+    "C1 control": "a\x85b",
+    "right-to-left override": "a\u202eb",
+    "zero-width space": "a\u200bb",
+    "line separator": "a\u2028b",
+    "paragraph separator": "a\u2029b",
+}
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_good_names_have_no_problem(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", list(BAD_NAMES.values()), ids=list(BAD_NAMES))
+def test_bad_names_have_a_problem(name):
+    problem = name_problem(name)
+    assert isinstance(problem, str) and problem.strip()
+
+
+def test_length_problem_names_the_limit():
+    assert "32" in name_problem("x" * 33)
+    assert "1" in name_problem("")
+
+
+def test_whitespace_and_control_problems_are_explained():
+    assert "whitespace" in name_problem(" alice")
+    assert "control" in name_problem("a\x01b")
+
+
+def test_ws_path_is_slash_ws():
+    assert handshake.WS_PATH == "/ws"
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws?", "/ws?other=1", "/ws?other=1&more=2"])
+def test_anonymous_admission(path):
+    assert admit(path) == Admission(None)
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("/ws?username=alice", "alice"),
+        ("/ws?username=a%20b", "a b"),
+        ("/ws?username=Zo%C3%AB", "Zoë"),
+        ("/ws?username=%5Bbob%5D", "[bob]"),
+        ("/ws?x=1&username=carol&y=2", "carol"),
+        ("/ws?username=" + "x" * 32, "x" * 32),
+    ],
+)
+def test_named_admission(path, name):
+    assert admit(path) == Admission(name)
+
+
+@pytest.mark.parametrize("path", ["/", "", "/w", "/ws/", "/WS", "/wss", "/ws/x", "/api/ws", "/x?p=/ws", "//ws"])
+def test_other_paths_are_not_found(path):
+    with pytest.raises(Refused) as info:
+        admit(path)
+    assert info.value.status == 404
+    assert info.value.reason
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ws?username=",
+        "/ws?username=" + "x" * 33,
+        "/ws?username=%20alice",
+        "/ws?username=alice%20",
+        "/ws?username=a%00b",
+        "/ws?username=a%0Ab",
+        "/ws?username=a%0Db",
+        "/ws?username=a%1Bb",
+        "/ws?username=a%E2%80%AEb",  # U+202E
+        "/ws?username=alice&username=bob",
+        "/ws?username=%FF",  # not UTF-8
+    ],
+)
+def test_bad_usernames_are_bad_requests(path):
+    with pytest.raises(Refused) as info:
+        admit(path)
+    assert info.value.status == 400
+    assert info.value.reason.strip()
+
+
+def test_bad_request_reason_says_what_is_wrong():
+    with pytest.raises(Refused) as info:
+        admit("/ws?username=" + "x" * 33)
+    assert "username" in info.value.reason and "32" in info.value.reason
+    with pytest.raises(Refused) as info:
+        admit("/ws?username=%20bob")
+    assert "whitespace" in info.value.reason
+
+
+def test_refusal_is_checked_on_path_before_username():
+    with pytest.raises(Refused) as info:
+        admit("/chat?username=%00")
+    assert info.value.status == 404

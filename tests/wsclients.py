@@ -1,0 +1,313 @@
+"""Client helpers for the server's end-to-end tests.
+
+Three independent ways to talk to the server:
+
+* ``ws_connect``: the ``websockets`` sync client (use it as a context manager);
+* ``wsc_connect``: ``websocket-client``;
+* ``RawClient``: a bare TCP socket driven by websockets' Sans-I/O
+  ``ClientProtocol``, for the clients the libraries will not impersonate: one
+  with a tiny receive buffer that never reads, one that never answers a ping
+  or a close, one that vanishes with a TCP reset.
+
+Every blocking call here takes a timeout.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import struct
+import threading
+import time
+from urllib.parse import quote, urlsplit
+
+import websocket  # websocket-client
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
+from websockets.sync.client import connect as _websockets_connect
+from websockets.uri import parse_uri
+
+TIMEOUT = 5.0  # default for any single blocking operation
+
+
+class Closed(Exception):
+    """The server closed the WebSocket; ``code`` is its close code (None: no close frame)."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"closed: {code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def url_for(server, username: str | None = None, path: str = "/ws") -> str:
+    url = f"ws://{server.host}:{server.port}{path}"
+    if username is not None:
+        url += ("&" if "?" in path else "?") + "username=" + quote(username, safe="")
+    return url
+
+
+# websockets (sync)
+
+
+def ws_connect(url: str, **kwargs):
+    """A websockets sync client; use it as ``with ws_connect(url) as ws:``.
+
+    Client-side keepalive is off so that the only pings on the wire are the
+    server's, and messages of any size are accepted.
+    """
+    options = dict(proxy=None, open_timeout=TIMEOUT, close_timeout=2, ping_interval=None,
+                   compression=None, max_size=None)
+    options.update(kwargs)
+    return _websockets_connect(url, **options)
+
+
+# websocket-client
+
+
+def wsc_connect(url: str, timeout: float = TIMEOUT, **kwargs) -> websocket.WebSocket:
+    return websocket.create_connection(url, timeout=timeout, **kwargs)
+
+
+def recv(ws, timeout: float = TIMEOUT):
+    """The next message from either library's client: ``str`` or ``bytes``.
+
+    Raises ``Closed`` for a close frame (or a connection that ends without
+    one) and ``TimeoutError`` when nothing arrives in time.
+    """
+    if isinstance(ws, websocket.WebSocket):
+        ws.settimeout(timeout)
+        try:
+            opcode, data = ws.recv_data()
+        except websocket.WebSocketTimeoutException:
+            raise TimeoutError(f"no message within {timeout}s") from None
+        except (websocket.WebSocketConnectionClosedException, ConnectionError) as exc:
+            raise Closed(None, str(exc)) from None
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
+            raise Closed(code, data[2:].decode("utf-8", "replace"))
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            return data.decode("utf-8")
+        return bytes(data)
+    try:
+        return ws.recv(timeout=timeout)
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise Closed(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+
+
+def recv_n(ws, n: int, timeout: float = 10.0) -> list:
+    """Exactly ``n`` messages, all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    out = []
+    while len(out) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"got {len(out)} of {n} messages within {timeout}s")
+        out.append(recv(ws, remaining))
+    return out
+
+
+def send(ws, message) -> None:
+    if isinstance(ws, websocket.WebSocket):
+        if isinstance(message, str):
+            ws.send(message)
+        else:
+            ws.send_binary(message)
+    else:
+        ws.send(message)
+
+
+def expect_silence(ws, timeout: float = 0.5) -> None:
+    """Assert that not a single frame, data or control, arrives for ``timeout``."""
+    if isinstance(ws, websocket.WebSocket):
+        ws.settimeout(timeout)
+        try:
+            frame = ws.recv_data_frame(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            return
+        raise AssertionError(f"expected nothing, got {frame!r}")
+    try:
+        message = ws.recv(timeout=timeout)
+    except TimeoutError:
+        return
+    raise AssertionError(f"expected nothing, got {message!r}")
+
+
+class Collector(threading.Thread):
+    """Reads ``n`` messages from a client in the background."""
+
+    def __init__(self, ws, n: int, timeout: float, name: str = "collector") -> None:
+        super().__init__(name=name, daemon=True)
+        self.ws = ws
+        self.n = n
+        self.timeout = timeout
+        self.messages: list = []
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            while len(self.messages) < self.n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"got {len(self.messages)} of {self.n} messages")
+                self.messages.append(recv(self.ws, remaining))
+            self.finished_at = time.monotonic()
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+
+    def result(self, timeout: float | None = None) -> list:
+        self.join(self.timeout + 5 if timeout is None else timeout)
+        assert not self.is_alive(), f"{self.name} still reading"
+        if self.error is not None:
+            raise AssertionError(f"{self.name}: {self.error!r} after {len(self.messages)} messages")
+        return self.messages
+
+
+# Raw sockets
+
+
+class RawClient:
+    """A WebSocket client on a bare socket, which does only what the test tells it.
+
+    It completes the opening handshake and then never reads, never answers a
+    ping or a close unless asked to.
+    """
+
+    def __init__(self, url: str, rcvbuf: int | None = None, timeout: float = TIMEOUT) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            # Before connect(), so that the window the server sees is small.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((parts.hostname, parts.port))
+        self.port = self.sock.getsockname()[1]
+        self.protocol = ClientProtocol(parse_uri(url), max_size=None)
+        self.protocol.send_request(self.protocol.connect())
+        self._write(self.protocol.data_to_send())
+        self.frames: list[Frame] = []
+        self.eof = False
+        response = None
+        while response is None:
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("server hung up during the handshake")
+            self.protocol.receive_data(data)
+            for event in self.protocol.events_received():
+                if isinstance(event, Response):
+                    response = event
+                else:
+                    self.frames.append(event)
+        self.response = response
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def _write(self, chunks) -> None:
+        for chunk in chunks:
+            if chunk:
+                self.sock.sendall(chunk)
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def send_text(self, text: str) -> None:
+        self.protocol.send_text(text.encode())
+        self._write(self.protocol.data_to_send())
+
+    def send_binary(self, data: bytes) -> None:
+        self.protocol.send_binary(data)
+        self._write(self.protocol.data_to_send())
+
+    def recv_frame(self, timeout: float = TIMEOUT, reply: bool = False) -> Frame | None:
+        """The next frame of any kind; None once the server closed TCP.
+
+        Protocol replies (pongs, the close answer) are sent only with ``reply``.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            if self.eof:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no frame within {timeout}s")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.eof = True
+                self.protocol.receive_eof()
+            self.frames.extend(self.protocol.events_received())
+            pending = self.protocol.data_to_send()
+            if reply:
+                try:
+                    self._write(pending)
+                except OSError:
+                    pass
+        return self.frames.pop(0)
+
+    def drain_until_eof(self, timeout: float) -> tuple[int, str]:
+        """Read and discard until the server ends the connection: (bytes read, how)."""
+        deadline = time.monotonic() + timeout
+        total = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"connection still open after {timeout}s ({total} bytes read)")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                return total, "reset"
+            if not data:
+                return total, "eof"
+            total += len(data)
+
+    def vanish(self) -> None:
+        """Disappear without a close frame or FIN: SO_LINGER 0 makes close() send RST."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def close_code(frame: Frame) -> int:
+    assert frame.opcode is Opcode.CLOSE, frame
+    return Close.parse(frame.data).code
+
+
+def http_get(server, path: str, headers: dict | None = None, timeout: float = TIMEOUT):
+    """A plain HTTP GET: (status, body text)."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def raw_exchange(server, data: bytes, timeout: float = TIMEOUT) -> bytes:
+    """Send ``data`` on a fresh TCP connection; everything the server sends until it hangs up."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
