@@ -135,6 +135,12 @@ def server_parser() -> OneLineParser:
                           help="connections one address may hold; past it HTTP 429 (default off)")
     security.add_argument("--require-username", action="store_true",
                           help="refuse anonymous clients, who could otherwise type '[Bob] hi' and pass as Bob")
+    nodes = p.add_argument_group("several servers")
+    nodes.add_argument("--redis-url", default=None, metavar="redis://HOST:PORT/DB",
+                       help="share one room with every server on this Redis (default: this server alone)")
+    nodes.add_argument("--redis-channel", default="broadcast", help="pub/sub channel (default %(default)s)")
+    nodes.add_argument("--redis-optional", action="store_true",
+                       help="start alone, with a warning, if Redis is unreachable at start")
     return p
 
 

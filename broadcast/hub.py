@@ -21,39 +21,25 @@ class Hub:
     def __len__(self) -> int:
         return len(self._members)
 
-    def members(self) -> tuple:
-        return self._members
-
-    def join(self, conn, notice: bytes | None) -> int:
-        """Add ``conn``; the others get ``notice``. Returns the new count."""
+    def join(self, conn) -> int:
+        """Add ``conn``; returns the new count."""
         with self._lock:
-            behind = self._fan_out(notice, conn) if notice else ()
             self._members += (conn,)
-            count = len(self._members)
-        self._evict(behind)
-        return count
+            return len(self._members)
 
-    def leave(self, conn, notice: bytes | None) -> int:
-        """Remove ``conn`` if present; the others get ``notice``."""
+    def leave(self, conn) -> int:
+        """Remove ``conn`` if present; returns the new count."""
         with self._lock:
-            if conn not in self._members:
-                return len(self._members)
             self._members = tuple(m for m in self._members if m is not conn)
-            behind = self._fan_out(notice, None) if notice else ()
-            count = len(self._members)
-        self._evict(behind)
-        return count
+            return len(self._members)
 
-    def broadcast(self, frame: bytes) -> None:
+    def broadcast(self, frame: bytes, skip=None) -> None:
+        """Queue ``frame`` for every member but ``skip``, all in one order."""
         with self._lock:
-            behind = self._fan_out(frame, None)
-        self._evict(behind)
-
-    def _fan_out(self, frame: bytes, skip) -> list:
-        return [m for m in self._members if m is not skip and not m.outbox.put(frame)]
-
-    @staticmethod
-    def _evict(behind) -> None:
+            if skip is None:
+                behind = [m for m in self._members if not m.outbox.put(frame)]
+            else:
+                behind = [m for m in self._members if m is not skip and not m.outbox.put(frame)]
         # Outside the lock: eviction takes each connection's protocol lock.
         for conn in behind:
             conn.evict_slow_consumer()

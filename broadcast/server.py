@@ -7,6 +7,7 @@ deadlines. The main thread only waits for SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -15,15 +16,20 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 
-from websockets.frames import CloseCode, Frame, Opcode
+from urllib.parse import urlsplit
+
+from websockets.frames import CloseCode, Opcode
 
 from . import handshake
+from .bus import LocalBus
 from .config import parse_server_args
 from .connection import Connection
 from .hub import Hub
 from .limits import AddressCounts
 from .outbox import WriterPool
+from .redis_bus import RedisBus, RedisUnavailable
 from .tls import TLSTransport, server_context
 from .transport import PlainTransport
 
@@ -45,8 +51,7 @@ TICK_MAX_S = 0.5
 ACCEPT_BACKOFF_S = 0.1
 
 
-def text_frame(text: str) -> bytes:
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+HEALTH_PATH = "/healthz"
 
 
 class Server:
@@ -58,7 +63,12 @@ class Server:
         # Browsers always send Origin, so a missing one (None) is a non-browser
         # client, which cross-site hijacking cannot use.
         self.origins = [*config.allowed_origin, None] if config.allowed_origin else None
+        self.node_id = uuid.uuid4().hex[:12]
         self.hub = Hub()
+        if config.redis_url:
+            self.bus = RedisBus(self.hub, config.redis_url, config.redis_channel, self.node_id)
+        else:
+            self.bus = LocalBus(self.hub)
         self.writers = WriterPool(WRITER_THREADS)
         self.wire_log = logging.getLogger("broadcast.wire")
         self._conns: set[Connection] = set()  # accepted, handshaking or joined
@@ -81,6 +91,7 @@ class Server:
         log.info("listening on %s://%s:%d%s", scheme, *self.address, handshake.WS_PATH)
 
     def start(self) -> None:
+        self.bus.start()
         threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
         threading.Thread(target=self._tick_loop, name="ticker", daemon=True).start()
 
@@ -105,6 +116,7 @@ class Server:
             conn.abort("shutdown timeout")
         if left:
             log.warning("shutdown timeout: dropped %d connection(s)", len(left))
+        self.bus.close()
         log.info("stopped")
 
     # Acceptor and ticker threads.
@@ -156,6 +168,8 @@ class Server:
     def admit(self, conn: Connection, request):
         """Answer the opening handshake: a 101 response, or a refusal."""
         protocol = conn.protocol
+        if urlsplit(request.path).path == HEALTH_PATH:
+            return self._health(protocol)
         limit_per_ip = self.config.max_connections_per_ip
         try:
             admission = handshake.admit(request.path, request.headers, self.policy)
@@ -178,16 +192,26 @@ class Server:
             log.info("refused %s: %d %s", conn.peer, response.status_code, response.reason_phrase)
         return response
 
+    def _health(self, protocol):
+        """For load balancers: 503 takes a node cut off from Redis out of rotation."""
+        state = self.bus.state
+        body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
+        response = protocol.reject(503 if state == "reconnecting" else 200, json.dumps(body) + "\n")
+        response.headers["Content-Type"] = "application/json"
+        return response
+
     def arrive(self, conn: Connection) -> None:
         conn.joined = True
-        notice = text_frame(f"* {conn.username} joined") if conn.username else None
-        online = self.hub.join(conn, notice)
+        online = self.hub.join(conn)
         log.info("connect %s (%d online)", conn.label, online)
+        if conn.username:
+            self.bus.publish(Opcode.TEXT, f"* {conn.username} joined".encode(), skip=conn)
 
     def depart(self, conn: Connection) -> None:
-        notice = text_frame(f"* {conn.username} left") if conn.username else None
-        online = self.hub.leave(conn, notice)
+        online = self.hub.leave(conn)
         log.info("disconnect %s: %s (%d online)", conn.label, conn.why, online)
+        if conn.username:
+            self.bus.publish(Opcode.TEXT, f"* {conn.username} left".encode())
 
     def forget(self, conn: Connection) -> None:
         with self._conns_changed:
@@ -196,10 +220,10 @@ class Server:
             self._conns_changed.notify_all()
 
     def relay(self, conn: Connection, opcode, payload: bytes) -> None:
-        """A whole message arrived: attribute it and encode it once for everyone."""
+        """A whole message arrived: attribute it and send it to everyone."""
         if opcode is Opcode.TEXT and conn.prefix:
             payload = conn.prefix + payload
-        self.hub.broadcast(Frame(opcode, payload).serialize(mask=False))
+        self.bus.publish(opcode, payload)
 
 
 def _raise_open_file_limit() -> None:
@@ -222,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load TLS certificate %s: %s", config.certfile, exc)
         return 2
+    if isinstance(server.bus, RedisBus):
+        try:
+            server.bus.check()
+        except RedisUnavailable as exc:
+            if not config.redis_optional:
+                log.error("cannot reach redis %s", exc)
+                return 1
+            log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
     try:
         server.listen()
     except OSError as exc:

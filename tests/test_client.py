@@ -31,10 +31,12 @@ from broadcast.client import server_url
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "scripts/client.py"]
 WAIT = 5.0  # seconds for any one expected event
+# A developer's BROADCAST_USERNAME and the like would change what the client does.
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
 
 
 def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLIENT, *args], cwd=ROOT, input=input, capture_output=True,
+    return subprocess.run([*CLIENT, *args], cwd=ROOT, env=ENV, input=input, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -74,7 +76,7 @@ class PipedClient:
     """A client in pipe mode whose stdin stays open until the test closes it."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*CLIENT, *args], cwd=ROOT, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([*CLIENT, *args], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stdout = Lines(self.proc.stdout)
         self.stderr = Lines(self.proc.stderr)
@@ -112,7 +114,7 @@ def terminal():
 
     def start(*args: str) -> pexpect.spawn:
         child = pexpect.spawn(sys.executable, [*CLIENT[1:], *args], cwd=str(ROOT),
-                              env={**os.environ, "TERM": "xterm"}, encoding="utf-8",
+                              env={**ENV, "TERM": "xterm"}, encoding="utf-8",
                               timeout=WAIT, dimensions=(24, 160))
         child.screen = io.StringIO()
         child.logfile_read = child.screen
@@ -301,6 +303,7 @@ def test_interactive_quit_sends_close_1000(key, recording_server, terminal):
     child.expect_exact("half typed")
     if key != "ctrl-c":
         child.send("\r")
+        child.expect_exact("\r\n> ")  # a Ctrl+D typed ahead of the prompt can be lost
     QUIT_KEYS[key](child)
     assert wait_exit(child) == 0
     assert recording_server.close_codes.get(timeout=WAIT) == 1000

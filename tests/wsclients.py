@@ -146,6 +146,7 @@ class Collector(threading.Thread):
         self.messages: list = []
         self.error: BaseException | None = None
         self.finished_at: float | None = None
+        self.progress = threading.Condition()
 
     def run(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -154,10 +155,23 @@ class Collector(threading.Thread):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"got {len(self.messages)} of {self.n} messages")
-                self.messages.append(recv(self.ws, remaining))
+                message = recv(self.ws, remaining)
+                with self.progress:
+                    self.messages.append(message)
+                    self.progress.notify_all()
             self.finished_at = time.monotonic()
         except BaseException as exc:  # reported by result()
             self.error = exc
+        finally:
+            with self.progress:
+                self.progress.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        """Block until ``count`` messages have arrived (or the reader stopped)."""
+        with self.progress:
+            if not self.progress.wait_for(
+                    lambda: len(self.messages) >= count or not self.is_alive(), timeout):
+                raise TimeoutError(f"{self.name}: {len(self.messages)} of {count} messages after {timeout}s")
 
     def result(self, timeout: float | None = None) -> list:
         self.join(self.timeout + 5 if timeout is None else timeout)

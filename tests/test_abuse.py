@@ -1,0 +1,390 @@
+"""Hostile and careless peers: broken handshakes, slowloris, silent TCP connections, churn.
+
+Whatever they do, the server answers (an HTTP error or a close), stays up,
+keeps serving a well-behaved watcher, and gives back every thread and file
+descriptor it took (read from /proc/<pid>, polled until a deadline).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import ServerProcess
+from rawws import (
+    OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, Watcher, assert_chat_works, build_frame, close_payload,
+    handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, wait_baseline,
+)
+
+OPEN_TIMEOUT = 1.0
+WAIT = 5.0
+
+
+@pytest.fixture(scope="module")
+def abuse_server():
+    server = ServerProcess(["--open-timeout", str(OPEN_TIMEOUT)])
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def watcher(abuse_server):
+    with Watcher(abuse_server.url) as w:
+        yield w
+
+
+def settled_baseline(pid: int):
+    """The server's figures once connections from earlier tests are fully gone."""
+    previous = proc_stats(pid)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = proc_stats(pid)
+        if (now.threads, now.fds) == (previous.threads, previous.fds):
+            return now
+        previous = now
+    return previous
+
+
+# Broken handshakes.
+
+_HEADER_LINE_TOO_LONG = [("X-Big", "a" * 9000)]  # one line over websockets' 8 KiB
+_HEADERS_TOO_BIG = [(f"X-Filler-{i}", "b" * 2000) for i in range(40)]  # 80 KB, each line < 8 KiB
+_TOO_MANY_HEADERS = [(f"X-H{i}", "c") for i in range(200)]  # websockets allows 128
+
+HOSTILE = {
+    # name: (request bytes, given the port; expected HTTP status or None for a bare close)
+    "garbage": (lambda p: b"\x00\xffGARBAGE\x01\x02 not http at all\r\n\r\n", None),
+    "tls-client-hello": (lambda p: bytes.fromhex("16030100a5010000a10303") + os.urandom(32), None),
+    "header-line-over-8KiB": (lambda p: handshake_request(p, extra_headers=_HEADER_LINE_TOO_LONG), 431),
+    "headers-over-64KiB": (lambda p: handshake_request(p, extra_headers=_HEADERS_TOO_BIG), 431),
+    "too-many-headers": (lambda p: handshake_request(p, extra_headers=_TOO_MANY_HEADERS), 431),
+    "request-line-over-8KiB": (lambda p: handshake_request(p, path="/ws?x=" + "u" * 9000), 414),
+    "wrong-version": (lambda p: handshake_request(p, version="8"), 400),
+    "missing-version": (lambda p: handshake_request(p, version=None), 400),
+    "missing-key": (lambda p: handshake_request(p, omit=("Sec-WebSocket-Key",)), 400),
+    "malformed-key": (lambda p: handshake_request(p, key="too-short"), 400),
+    "missing-upgrade": (lambda p: handshake_request(p, omit=("Upgrade",)), 426),
+    "post": (lambda p: handshake_request(p, method="POST"), 405),
+    "http-1.0": (lambda p: handshake_request(p).replace(b"HTTP/1.1", b"HTTP/1.0", 1), 505),
+    "wrong-path": (lambda p: handshake_request(p, path="/admin"), 404),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_handshake(abuse_server, watcher, case):
+    build, status = HOSTILE[case]
+    pid = abuse_server.proc.pid
+    baseline = settled_baseline(pid)
+    sock = open_socket(abuse_server.port)
+    try:
+        started = time.monotonic()
+        try:
+            sock.sendall(build(abuse_server.port))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before we finished talking: the response is what counts
+        response = read_http_response(sock, OPEN_TIMEOUT + WAIT)
+        if status is None:
+            assert response is None or 400 <= response.status < 500, response
+        else:
+            assert response is not None, "closed without an HTTP response"
+            assert response.status == status, (response.status, response.reason, response.body[:200])
+            assert response.headers.get("connection", "").lower() == "close" or response.body
+        assert is_eof_or_reset(sock, OPEN_TIMEOUT + WAIT), "the server kept the connection open"
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    assert took < OPEN_TIMEOUT + 2, f"took {took:.2f}s to be shown the door"
+    assert abuse_server.proc.poll() is None
+    assert_chat_works(abuse_server.url, watcher)
+    wait_baseline(pid, baseline, timeout=WAIT)
+
+
+def test_handshake_then_frames_in_one_packet(abuse_server, watcher):
+    """A client that sends its first frame with the handshake (no wait for 101) is served."""
+    sock = open_socket(abuse_server.port)
+    try:
+        text = f"eager {time.monotonic_ns()}"
+        sock.sendall(handshake_request(abuse_server.port) + build_frame(OP_TEXT, text.encode()))
+        response = read_http_response(sock, WAIT)
+        assert response is not None and response.status == 101
+        conn = RawWS(sock, response.rest)
+        echo, _ = conn.recv_until(lambda f: f.opcode == OP_TEXT and f.payload == text.encode())
+        watcher.wait_message(text)
+        conn.send_close(1000)
+        assert conn.expect_close(WAIT).close_code == 1000
+    finally:
+        sock.close()
+
+
+# Slowloris and silent connections.
+
+SLOWLORIS = 200
+
+
+def _eof_times(socks: list[socket.socket], started: float, timeout: float) -> dict[int, float]:
+    """Seconds from ``started`` to EOF (or reset) for each socket, watched in one thread."""
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+    done: dict[int, float] = {}
+    deadline = started + timeout
+    while len(done) < len(socks) and time.monotonic() < deadline:
+        for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+            try:
+                data = key.fileobj.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                done[key.data] = time.monotonic() - started
+                sel.unregister(key.fileobj)
+    sel.close()
+    return done
+
+
+def test_slowloris_dropped_after_open_timeout(abuse_server, watcher):
+    pid = abuse_server.proc.pid
+    baseline = settled_baseline(pid)
+    half = handshake_request(abuse_server.port).split(b"\r\n")
+    half = b"\r\n".join(half[:3]) + b"\r\n"  # request line and two headers, no end
+    socks = []
+    try:
+        started = time.monotonic()
+        for _ in range(SLOWLORIS):
+            s = open_socket(abuse_server.port)
+            socks.append(s)
+            s.sendall(half)
+        opened = time.monotonic() - started
+        # While they hang on, others come and talk.
+        chat = []
+        chatter = threading.Thread(target=lambda: chat.extend(
+            assert_chat_works(abuse_server.url, watcher) for _ in range(3)), daemon=True)
+        chatter.start()
+        dropped = _eof_times(socks, started, opened + OPEN_TIMEOUT + WAIT)
+        chatter.join(WAIT)
+        assert len(chat) == 3, "fresh clients could not chat while the slowloris connections hung on"
+    finally:
+        for s in socks:
+            s.close()
+    assert len(dropped) == SLOWLORIS, f"{SLOWLORIS - len(dropped)} slowloris connection(s) never dropped"
+    first, last = min(dropped.values()), max(dropped.values())
+    print(f"\n{SLOWLORIS} slowloris connections opened in {opened:.2f}s, dropped after {first:.2f}-{last:.2f}s "
+          f"(--open-timeout {OPEN_TIMEOUT})")
+    assert first >= OPEN_TIMEOUT * 0.8, f"dropped too early: {first:.2f}s"
+    assert last <= opened + OPEN_TIMEOUT + 2.0, f"dropped too late: {last:.2f}s"
+    after = wait_baseline(pid, baseline, timeout=WAIT)
+    print(f"baseline {baseline}, after {after}")
+
+
+def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
+    """--open-timeout bounds the whole handshake, not each recv.
+
+    A slowloris that sends one byte of a never-ending header every 0.2 s
+    must not outlive the open timeout by resetting the clock with each byte.
+    """
+    pid = abuse_server.proc.pid
+    baseline = settled_baseline(pid)
+    head = handshake_request(abuse_server.port)[:-2] + b"X-Slow: " + b"z" * 1000
+    socks = [open_socket(abuse_server.port) for _ in range(5)]
+    started = time.monotonic()
+    dropped: dict[int, float] = {}
+    limit = OPEN_TIMEOUT + 2.0
+    try:
+        for pos in range(len(head)):
+            for i, s in enumerate(socks):
+                if i in dropped:
+                    continue
+                try:
+                    s.sendall(head[pos:pos + 1])
+                except OSError:
+                    dropped[i] = time.monotonic() - started
+            if len(dropped) == len(socks) or time.monotonic() - started > limit:
+                break
+            # A short wait for the server's EOF doubles as the trickle's pace.
+            for i, s in enumerate(socks):
+                if i not in dropped and is_eof_or_reset(s, 0.2 / len(socks)):
+                    dropped[i] = time.monotonic() - started
+    finally:
+        for s in socks:
+            s.close()
+    assert len(dropped) == len(socks), (
+        f"{len(socks) - len(dropped)} trickling connection(s) still open {limit:.1f}s after connecting "
+        f"(--open-timeout {OPEN_TIMEOUT})")
+    assert max(dropped.values()) <= limit
+    assert_chat_works(abuse_server.url, watcher)
+    wait_baseline(pid, baseline, timeout=WAIT)
+
+
+def test_silent_tcp_connections_leave_nothing_behind(abuse_server, watcher):
+    """1,000 connections opened and dropped without a word: half with FIN, half with RST."""
+    pid = abuse_server.proc.pid
+    baseline = settled_baseline(pid)
+    linger_rst = struct.pack("ii", 1, 0)
+    started = time.monotonic()
+    peak = baseline
+    for batch in range(4):
+        socks = [open_socket(abuse_server.port) for _ in range(250)]
+        if batch == 0:
+            # All 250 accepted and each given a reader before any goes away.
+            deadline = time.monotonic() + WAIT
+            while (peak := proc_stats(pid)).threads < baseline.threads + 250 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for i, s in enumerate(socks):
+            if i % 2:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_rst)
+            s.close()
+    elapsed = time.monotonic() - started
+    assert peak.threads >= baseline.threads + 250, f"connections were not served concurrently: {peak}"
+    assert_chat_works(abuse_server.url, watcher)
+    after = wait_baseline(pid, baseline, timeout=OPEN_TIMEOUT + WAIT)
+    print(f"\n1000 silent connections in {elapsed:.2f}s; baseline {baseline}, peak {peak}, after {after}")
+    assert abuse_server.proc.poll() is None
+
+
+def test_half_closed_handshake_is_dropped(abuse_server, watcher):
+    """A client that sends half a handshake and shuts down its side gets closed at once."""
+    pid = abuse_server.proc.pid
+    baseline = settled_baseline(pid)
+    socks = []
+    for _ in range(20):
+        s = open_socket(abuse_server.port)
+        s.sendall(handshake_request(abuse_server.port)[:30])
+        s.shutdown(socket.SHUT_WR)
+        socks.append(s)
+    started = time.monotonic()
+    try:
+        dropped = _eof_times(socks, started, WAIT)
+    finally:
+        for s in socks:
+            s.close()
+    assert len(dropped) == len(socks)
+    assert max(dropped.values()) < OPEN_TIMEOUT, "waited for the open timeout instead of the EOF"
+    assert_chat_works(abuse_server.url, watcher)
+    wait_baseline(pid, baseline, timeout=WAIT)
+
+
+# Dead peers.
+
+
+def test_dead_peer_removed_by_keepalive(start_server):
+    """A client that completes the handshake, then never reads nor answers pings, is dropped."""
+    interval = timeout = 0.5
+    server = start_server("--ping-interval", str(interval), "--ping-timeout", str(timeout))
+    with Watcher(server.url) as watcher:
+        # A well-behaved client answers pings (websockets does it by itself)
+        # and must survive several keepalive rounds.
+        dead = RawWS.connect(server.port, username="zombie")
+        try:
+            joined = time.monotonic()
+            watcher.wait_message("* zombie joined")
+            watcher.wait_message("* zombie left", timeout=interval + timeout + 3.0)
+            gone_after = time.monotonic() - joined
+            server.wait_for_log(r"disconnect zombie@.*keepalive ping timeout", timeout=2.0)
+        finally:
+            dead.close()
+        print(f"\ndead peer removed {gone_after:.2f}s after joining "
+              f"(--ping-interval {interval} --ping-timeout {timeout})")
+        assert gone_after <= interval + timeout + 1.0, f"took {gone_after:.2f}s"
+        assert gone_after >= interval, "dropped before it was ever pinged"
+        # The watcher went through the same pings and is still here.
+        assert_chat_works(server.url, watcher)
+        assert "* zombie left" in watcher.messages
+
+
+def test_peer_answering_pings_is_kept(start_server):
+    """The other side of keepalive: a raw client that does answer pings is not dropped."""
+    server = start_server("--ping-interval", "0.3", "--ping-timeout", "0.3")
+    with Watcher(server.url) as watcher:
+        with RawWS.connect(server.port, username="alive") as alive:
+            watcher.wait_message("* alive joined")
+            pings = 0
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    frame = alive.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
+                except Timeout:
+                    break
+                assert frame.opcode != OP_CLOSE, (frame.close_code, frame.close_reason)
+                if frame.opcode == OP_PING:
+                    pings += 1
+                    alive.send_frame(OP_PONG, frame.payload)
+            assert pings >= 3, f"only {pings} keepalive pings in 2s at --ping-interval 0.3"
+            alive.send_text("still here")
+            watcher.wait_message("[alive] still here")
+            assert "* alive left" not in watcher.messages
+            alive.send_frame(OP_CLOSE, close_payload(1000))
+            assert alive.expect_close(WAIT).close_code == 1000
+        watcher.wait_message("* alive left")
+
+
+# Churn.
+
+CHURN_CYCLES = 5000
+CHURN_THREADS = 20
+
+
+@pytest.mark.slow
+def test_churn(start_server):
+    """5,000 connect/send/disconnect cycles from 20 threads while two watchers listen."""
+    server = start_server()
+    pid = server.proc.pid
+    with Watcher(server.url, max_size=None) as w1, Watcher(server.url, max_size=None) as w2:
+        baseline = settled_baseline(pid)
+        next_cycle = iter(range(CHURN_CYCLES))
+        lock = threading.Lock()
+        sent: list[str] = []
+        errors: list[BaseException] = []
+
+        def churner() -> None:
+            try:
+                while True:
+                    with lock:
+                        n = next(next_cycle, None)
+                    if n is None:
+                        return
+                    text = f"churn-{n}"
+                    with RawWS.connect(server.port, timeout=WAIT) as conn:
+                        conn.send_text(text)
+                        # Close as a polite client does: the close comes after the
+                        # message, so the server has relayed it before it answers.
+                        conn.send_close(1000)
+                        close = conn.expect_close(WAIT)
+                        assert close.close_code == 1000, close
+                    with lock:
+                        sent.append(text)
+            except BaseException as exc:
+                errors.append(exc)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=churner, daemon=True) for _ in range(CHURN_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(50)
+        elapsed = time.monotonic() - started
+        assert not errors, f"{len(errors)} churner(s) failed, first: {errors[0]!r}"
+        assert len(sent) == CHURN_CYCLES
+        expected = set(sent)
+        for w in (w1, w2):
+            got = w.wait_for(lambda msgs: expected <= set(msgs), 10.0, f"all {CHURN_CYCLES} churn messages")
+            churn = [m for m in got if isinstance(m, str) and m.startswith("churn-")]
+            assert len(churn) == CHURN_CYCLES, f"{len(churn) - CHURN_CYCLES} extra or duplicate messages"
+            assert set(churn) == expected
+        peak_rss = proc_stats(pid).rss_kb
+        after = wait_baseline(pid, baseline, timeout=10.0)
+        growth_mb = (after.rss_kb - baseline.rss_kb) / 1024
+        print(f"\nchurn: {CHURN_CYCLES} cycles from {CHURN_THREADS} threads in {elapsed:.2f}s "
+              f"({CHURN_CYCLES / elapsed:.0f}/s); baseline {baseline}; after {after}; "
+              f"peak RSS right after {peak_rss / 1024:.1f}MiB; RSS growth {growth_mb:.2f}MB")
+        assert growth_mb < 20
+        assert_chat_works(server.url, w1)
+        assert w2.connected
