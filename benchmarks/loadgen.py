@@ -143,7 +143,29 @@ def _cpu_seconds() -> float:
 # ---------------------------------------------------------------- worker side
 
 
-def _open_clients(job: Job, ep: select.epoll):
+def _advance(client: Client, request: bytes) -> bool | None:
+    """One step of a client's opening: True once upgraded, False if it failed, None to wait."""
+    try:
+        if client.stage == 0:  # the non-blocking connect finished, one way or the other
+            if client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            client.sock.send(request)  # ~150 bytes: an empty socket takes them whole
+            client.stage = 1
+            return None
+        data = client.sock.recv(RECV_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return False
+    client.buf += data
+    head, sep, rest = client.buf.partition(b"\r\n\r\n")
+    if not sep:
+        return None if data and len(client.buf) < wire.MAX_RESPONSE_BYTES else False
+    client.buf = rest  # frames that came right behind the response
+    return wire.handshake_ok(head)
+
+
+def _open_clients(job: Job):
     """Connect and upgrade every client of ``job``, at most CONNECT_CONCURRENCY at once."""
     roles = [(p, p.counted, False) for p in job.publishers]
     roles += [(None, True, False)] * job.subscribers
@@ -156,66 +178,45 @@ def _open_clients(job: Job, ep: select.epoll):
     failed = 0
     t_first = time.monotonic_ns()
     t_last = t_first
-    while (roles or pending) and time.monotonic() < deadline:
-        while roles and len(pending) < CONNECT_CONCURRENCY:
-            pub, counted, slow = roles.pop()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if slow:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF_BYTES)
-            err = sock.connect_ex((job.host, job.port))
-            if err not in (0, errno.EINPROGRESS):
-                failed += 1
-                sock.close()
-                continue
-            client = Client(sock, pub, counted, slow)
-            pending[client.fd] = client
-            ep.register(client.fd, select.EPOLLOUT)
-        for fd, _ in ep.poll(IDLE_POLL_S):
-            client = pending[fd]
-            ok = True
-            try:
-                if client.stage == 0:
-                    ok = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                    if ok:
-                        client.sock.send(request)  # ~150 bytes: an empty socket takes them
-                        client.stage = 1
+    with select.epoll() as ep:
+        while (roles or pending) and time.monotonic() < deadline:
+            while roles and len(pending) < CONNECT_CONCURRENCY:
+                pub, counted, slow = roles.pop()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if slow:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF_BYTES)
+                if sock.connect_ex((job.host, job.port)) not in (0, errno.EINPROGRESS):
+                    failed += 1
+                    sock.close()
+                    continue
+                client = Client(sock, pub, counted, slow)
+                pending[client.fd] = client
+                ep.register(client.fd, select.EPOLLOUT)
+            for fd, _ in ep.poll(IDLE_POLL_S):
+                client = pending[fd]
+                stage = client.stage
+                done = _advance(client, request)
+                if done is None:
+                    if stage != client.stage:
                         ep.modify(fd, select.EPOLLIN)
                     continue
-                data = client.sock.recv(RECV_BYTES)
-            except BlockingIOError:
-                continue
-            except OSError:
-                ok = False
-            if ok:
-                client.buf += data
-                head, sep, rest = client.buf.partition(b"\r\n\r\n")
-                if not sep:
-                    ok = bool(data) and len(client.buf) < wire.MAX_RESPONSE_BYTES
-                    if ok:
-                        continue
-                ok = ok and wire.handshake_ok(head)
-            del pending[fd]
-            if not ok:
-                failed += 1
+                del pending[fd]
                 ep.unregister(fd)
-                client.sock.close()
-                continue
-            client.buf = rest
-            t_last = time.monotonic_ns()
-            clients.append(client)
-            if client.slow:
-                ep.unregister(fd)  # it never reads again
-    for client in pending.values():
-        failed += 1
-        ep.unregister(client.fd)
-        client.sock.close()
+                if done:
+                    t_last = time.monotonic_ns()
+                    clients.append(client)
+                else:
+                    failed += 1
+                    client.sock.close()
+        for client in pending.values():
+            failed += 1
+            client.sock.close()
     return clients, failed, t_first, t_last
 
 
-def _drive(job: Job, clients: list[Client], ep: select.epoll, shared, index: int, nworkers: int,
-           t0_ns: int):
+def _drive(job: Job, clients: list[Client], shared, index: int, nworkers: int, t0_ns: int):
     """Publish and receive from t0 until the window closes and the last messages are in."""
     size, window = job.size, job.window
     win_ns = t0_ns + int(job.warmup_s * 1e9)
@@ -223,8 +224,11 @@ def _drive(job: Job, clients: list[Client], ep: select.epoll, shared, index: int
     stop_ns = end_ns + int(job.drain_s * 1e9)
     drained_ns = end_ns + int(DRAIN_MIN_S * 1e9)
     sent_at = nworkers  # shared[sent_at + pub_id]: messages each publisher has sent
-    receivers = [c for c in clients if not c.slow]
+    receivers = [c for c in clients if not c.slow]  # slow clients are never read
     by_fd = {c.fd: c for c in receivers}
+    ep = select.epoll()
+    for c in receivers:
+        ep.register(c.fd, select.EPOLLIN)
     pubs = [c for c in receivers if c.pub is not None]
     for c in pubs:
         c.next_due_ns = t0_ns + int(c.pub.phase_s * 1e9)
@@ -334,15 +338,18 @@ def _drive(job: Job, clients: list[Client], ep: select.epoll, shared, index: int
                 if not waiting_for:
                     break
         blocked = publish(now_ns) if now_ns >= t0_ns else False
-        if window:
-            shared[index] = min((c.received for c in receivers), default=MAX_MESSAGES)
-        if now_ns < t0_ns:
-            timeout = (t0_ns - now_ns) / 1e9
-        elif blocked:
+        if window:  # what the slowest of our receivers has: the windowed publisher reads it
+            shared[index] = min((c.received for c in receivers if not c.closed), default=MAX_MESSAGES)
+        if blocked:
             timeout = WINDOW_POLL_S
         else:
-            due = min((c.next_due_ns for c in pubs if c.pub.rate), default=stop_ns)
-            timeout = min(IDLE_POLL_S, max(0.0, (min(due, end_ns if now_ns < end_ns else stop_ns) - now_ns) / 1e9))
+            wake = min((c.next_due_ns for c in pubs
+                        if c.pub.rate and c.sent < c.pub.max_count and not c.closed), default=stop_ns)
+            for boundary in (t0_ns, win_ns, end_ns):
+                if now_ns < boundary:
+                    wake = min(wake, boundary)
+                    break
+            timeout = min(IDLE_POLL_S, max(0.0, (wake - now_ns) / 1e9))
         for fd, events in ep.poll(timeout):
             c = by_fd[fd]
             if events & select.EPOLLOUT:
@@ -369,6 +376,7 @@ def _drive(job: Job, clients: list[Client], ep: select.epoll, shared, index: int
         cpu_start = _cpu_seconds()
     if cpu_end is None:
         cpu_end = _cpu_seconds()
+    ep.close()
 
     total = sum(shared[sent_at:sent_at + job.total_publishers])
     counted = [c for c in receivers if c.counted]
@@ -388,23 +396,20 @@ def _drive(job: Job, clients: list[Client], ep: select.epoll, shared, index: int
 
 
 def _run_job(job: Job, pipe, shared, index: int, nworkers: int) -> None:
-    ep = select.epoll()
     clients: list[Client] = []
     try:
-        clients, failed, t_first, t_last = _open_clients(job, ep)
+        clients, failed, t_first, t_last = _open_clients(job)
         pipe.send(("ready", {
             "connected": len(clients), "failed": failed, "t_first_ns": t_first, "t_last_ns": t_last,
             "slow_ports": [c.sock.getsockname()[1] for c in clients if c.slow],
         }))
         command = pipe.recv()
-        if command[0] != "go":
-            pipe.send(("aborted", None))
-            return
-        pipe.send(("done", _drive(job, clients, ep, shared, index, nworkers, command[1])))
+        if not (isinstance(command, tuple) and command[0] == "go"):
+            return  # the coordinator gave up on this run
+        pipe.send(("done", _drive(job, clients, shared, index, nworkers, command[1])))
     finally:
         for client in clients:
             client.sock.close()
-        ep.close()
 
 
 def _worker_main(index: int, nworkers: int, pipe, shared) -> None:
@@ -415,6 +420,8 @@ def _worker_main(index: int, nworkers: int, pipe, shared) -> None:
         job = pipe.recv()
         if job is None:
             return
+        if not isinstance(job, Job):
+            continue  # a stray "go" or "abort" for a job that already failed
         try:
             _run_job(job, pipe, shared, index, nworkers)
         except Exception:
@@ -456,17 +463,11 @@ class LoadPool:
     def connect(self, jobs: list[Job]) -> list[dict]:
         """Hand out one job per worker; return once all their clients are connected."""
         assert len(jobs) == self.procs
-        for i in range(self.procs):
+        for i in range(len(self.shared)):
             self.shared[i] = 0
-        for i in range(MAX_PUBLISHERS):
-            self.shared[self.procs + i] = 0
         for pipe, job in zip(self._pipes, jobs):
             pipe.send(job)
-        try:
-            return self._gather("ready", REPLY_TIMEOUT_S)
-        except RuntimeError:
-            self.abort()
-            raise
+        return self._gather("ready", max(j.connect_timeout_s for j in jobs) + REPLY_TIMEOUT_S)
 
     def go(self, t0_ns: int) -> None:
         for pipe in self._pipes:
@@ -475,24 +476,15 @@ class LoadPool:
     def results(self, timeout: float) -> list[dict]:
         return self._gather("done", timeout)
 
-    def abort(self) -> None:
-        """Release workers waiting for "go" after another failed; drain their replies."""
-        for pipe in self._pipes:
-            try:
-                pipe.send(("abort",))
-            except OSError:
-                pass
-        for pipe in self._pipes:
-            while pipe.poll(1.0):
-                pipe.recv()
-
-    def close(self) -> None:
+    def close(self, force: bool = False) -> None:
+        """Stop the workers; ``force`` after a failed run, when they may be mid-job."""
         for pipe in self._pipes:
             try:
                 pipe.send(None)
             except OSError:
                 pass
         for worker in self._workers:
-            worker.join(5)
+            worker.join(0 if force else 5)
             if worker.is_alive():
                 worker.terminate()
+                worker.join()

@@ -123,6 +123,10 @@ class Session:
         self.linger = linger
         self.interactive = sys.stdin.isatty()
         self.readline = None
+        if self.interactive:
+            import readline  # line editing and history, and redrawing the typed line
+
+            self.readline = readline
         # One lock orders the screen, the end of the session and the echo FIFO.
         self.cond = threading.Condition()
         self.status: int | None = None  # exit status, once the server ended the session
@@ -131,12 +135,9 @@ class Session:
         self.reader_done = threading.Event()
 
     def run(self) -> int:
-        if self.interactive:
-            import readline  # line editing and history, and redrawing the typed line
-
-            self.readline = readline
-        threading.Thread(target=self._read, name="reader", daemon=True).start()
         try:
+            # Started inside the try: the reader may signal as soon as it runs.
+            threading.Thread(target=self._read, name="reader", daemon=True).start()
             self._send_input()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
         ws = websocket.create_connection(url, timeout=CONNECT_TIMEOUT, class_=_WebSocket)
+        ws.settimeout(None)  # the reader thread waits for messages for as long as it takes
+        session = Session(ws, args.username, args.linger)
     except KeyboardInterrupt:
         return 130
     except websocket.WebSocketBadStatusException as exc:
@@ -253,5 +256,4 @@ def main(argv: list[str] | None = None) -> int:
     except (websocket.WebSocketException, OSError) as exc:
         print(f"{PROG}: cannot connect to {url}: {_reason(exc)}", file=sys.stderr)
         return 1
-    ws.settimeout(None)  # the reader thread waits for messages for as long as it takes
-    return Session(ws, args.username, args.linger).run()
+    return session.run()

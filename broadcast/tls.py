@@ -13,7 +13,10 @@ from __future__ import annotations
 import ssl
 import threading
 
-from .transport import RECV_BYTES, PlainTransport
+from .transport import RECV_IDLE_BYTES, PlainTransport
+
+# SSL_read returns at most one TLS record of plaintext: 16 KiB (RFC 8446 5.1).
+TLS_RECORD_BYTES = 16 * 1024
 
 
 def server_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
@@ -51,7 +54,7 @@ class TLSTransport(PlainTransport):
                     self.sock.sendall(out)  # bounded by the socket's open timeout
                 if done:
                     return True
-                data = self.sock.recv(RECV_BYTES)
+                data = self.sock.recv(RECV_IDLE_BYTES)
             except OSError:
                 return False
             if not data:
@@ -63,7 +66,7 @@ class TLSTransport(PlainTransport):
         while True:
             with self._lock:
                 try:
-                    return self._tls.read(RECV_BYTES)  # b"" after close_notify
+                    return self._tls.read(TLS_RECORD_BYTES)  # b"" after close_notify
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLError:

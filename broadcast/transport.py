@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import socket
 
-# Big enough to take a whole burst of small frames in one syscall, small
-# enough that 10,000 idle readers do not each pin a large buffer.
-RECV_BYTES = 64 * 1024
+# An idle reader sits in recv() holding a buffer of the size it asked for,
+# so it asks for little: 10,000 idle clients must not pin 64 KiB each.
+RECV_IDLE_BYTES = 2048
+# A reader whose reads come back full asks for four times more, up to this,
+# so a big message or a fast publisher still costs few syscalls.
+RECV_MAX_BYTES = 256 * 1024
 
 
 class PlainTransport:
-    __slots__ = ("sock", "peer")
+    __slots__ = ("sock", "peer", "_want")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self._want = RECV_IDLE_BYTES
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -31,10 +35,16 @@ class PlainTransport:
 
     def recv(self) -> bytes:
         """Block for incoming bytes; ``b""`` means the peer is gone."""
+        want = self._want
         try:
-            return self.sock.recv(RECV_BYTES)
-        except (ConnectionError, TimeoutError, OSError):
+            data = self.sock.recv(want)
+        except OSError:  # reset, timeout, or aborted by another thread
             return b""
+        if len(data) < want:
+            self._want = RECV_IDLE_BYTES
+        elif want < RECV_MAX_BYTES:
+            self._want = want * 4
+        return data
 
     def encode(self, data: bytes) -> bytes:
         return data

@@ -478,16 +478,25 @@ _probe_counter = iter(range(10 ** 9))
 _probe_lock = threading.Lock()
 
 
-def assert_chat_works(url: str, watcher: Watcher, timeout: float = DEFAULT_TIMEOUT) -> str:
-    """A fresh well-behaved client says something unique; ``watcher`` must hear it."""
+def assert_chat_works(url: str, watcher: Watcher, timeout: float = DEFAULT_TIMEOUT, server=None) -> str:
+    """A fresh well-behaved client says something unique; ``watcher`` must hear it.
+
+    ``server`` (a conftest.ServerProcess) adds the tail of its log to a failure.
+    """
     with _probe_lock:
         n = next(_probe_counter)
     text = f"probe {os.getpid()}-{n}-{time.monotonic_ns()}"
-    assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
-    with connect(url, open_timeout=timeout, close_timeout=2) as ws:
-        ws.send(text)
-        watcher.wait_message(text, timeout)
-    assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
+    try:
+        assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
+        with connect(url, open_timeout=timeout, close_timeout=2) as ws:
+            ws.send(text)
+            watcher.wait_message(text, timeout)
+        assert watcher.connected, f"watcher was disconnected: {watcher.closed!r}"
+    except (AssertionError, OSError, ConnectionClosed) as exc:
+        if server is None:
+            raise
+        tail = "\n".join(server.lines[-30:])
+        raise AssertionError(f"{exc!r}\nserver alive: {server.proc.poll() is None}; log tail:\n{tail}") from exc
     return text
 
 

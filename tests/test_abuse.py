@@ -102,12 +102,17 @@ def test_hostile_handshake(abuse_server, watcher, case):
         sock.close()
     assert took < OPEN_TIMEOUT + 2, f"took {took:.2f}s to be shown the door"
     assert abuse_server.proc.poll() is None
-    assert_chat_works(abuse_server.url, watcher)
+    assert_chat_works(abuse_server.url, watcher, server=abuse_server)
     wait_baseline(pid, baseline, timeout=WAIT)
 
 
-def test_handshake_then_frames_in_one_packet(abuse_server, watcher):
-    """A client that sends its first frame with the handshake (no wait for 101) is served."""
+def test_frame_sent_with_the_handshake_is_not_lost(abuse_server, watcher):
+    """A client that sends its first frame right behind the request, without waiting for 101.
+
+    RFC 6455 4.1 says a client must wait, so the server may refuse such a
+    frame (close 1002) or serve it; what it must not do is accept the
+    connection and silently drop the message.
+    """
     sock = open_socket(abuse_server.port)
     try:
         text = f"eager {time.monotonic_ns()}"
@@ -115,12 +120,20 @@ def test_handshake_then_frames_in_one_packet(abuse_server, watcher):
         response = read_http_response(sock, WAIT)
         assert response is not None and response.status == 101
         conn = RawWS(sock, response.rest)
-        echo, _ = conn.recv_until(lambda f: f.opcode == OP_TEXT and f.payload == text.encode())
-        watcher.wait_message(text)
-        conn.send_close(1000)
-        assert conn.expect_close(WAIT).close_code == 1000
+        try:
+            frame, _ = conn.recv_until(
+                lambda f: f.opcode == OP_CLOSE or (f.opcode == OP_TEXT and f.payload == text.encode()), 2.0)
+        except Timeout:
+            raise AssertionError("the message sent with the handshake was silently dropped") from None
+        if frame.opcode == OP_CLOSE:
+            assert frame.close_code == 1002, (frame.close_code, frame.close_reason)
+        else:
+            watcher.wait_message(text)
+            conn.send_close(1000)
+            assert conn.expect_close(WAIT).close_code == 1000
     finally:
         sock.close()
+    assert_chat_works(abuse_server.url, watcher, server=abuse_server)
 
 
 # Slowloris and silent connections.
@@ -165,13 +178,22 @@ def test_slowloris_dropped_after_open_timeout(abuse_server, watcher):
             s.sendall(half)
         opened = time.monotonic() - started
         # While they hang on, others come and talk.
-        chat = []
-        chatter = threading.Thread(target=lambda: chat.extend(
-            assert_chat_works(abuse_server.url, watcher) for _ in range(3)), daemon=True)
-        chatter.start()
+        chat: list = []
+
+        def chatter() -> None:
+            try:
+                for _ in range(3):
+                    chat.append(assert_chat_works(abuse_server.url, watcher, server=abuse_server))
+            except BaseException as exc:
+                chat.append(exc)
+
+        talking = threading.Thread(target=chatter, daemon=True)
+        talking.start()
         dropped = _eof_times(socks, started, opened + OPEN_TIMEOUT + WAIT)
-        chatter.join(WAIT)
-        assert len(chat) == 3, "fresh clients could not chat while the slowloris connections hung on"
+        talking.join(WAIT)
+        failed = [c for c in chat if isinstance(c, BaseException)]
+        assert not failed, f"a fresh client could not chat while the slowloris connections hung on: {failed[0]}"
+        assert len(chat) == 3, "fresh clients were still not done chatting"
     finally:
         for s in socks:
             s.close()
@@ -220,7 +242,7 @@ def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
         f"{len(socks) - len(dropped)} trickling connection(s) still open {limit:.1f}s after connecting "
         f"(--open-timeout {OPEN_TIMEOUT})")
     assert max(dropped.values()) <= limit
-    assert_chat_works(abuse_server.url, watcher)
+    assert_chat_works(abuse_server.url, watcher, server=abuse_server)
     wait_baseline(pid, baseline, timeout=WAIT)
 
 
@@ -244,7 +266,7 @@ def test_silent_tcp_connections_leave_nothing_behind(abuse_server, watcher):
             s.close()
     elapsed = time.monotonic() - started
     assert peak.threads >= baseline.threads + 250, f"connections were not served concurrently: {peak}"
-    assert_chat_works(abuse_server.url, watcher)
+    assert_chat_works(abuse_server.url, watcher, server=abuse_server)
     after = wait_baseline(pid, baseline, timeout=OPEN_TIMEOUT + WAIT)
     print(f"\n1000 silent connections in {elapsed:.2f}s; baseline {baseline}, peak {peak}, after {after}")
     assert abuse_server.proc.poll() is None
@@ -268,7 +290,7 @@ def test_half_closed_handshake_is_dropped(abuse_server, watcher):
             s.close()
     assert len(dropped) == len(socks)
     assert max(dropped.values()) < OPEN_TIMEOUT, "waited for the open timeout instead of the EOF"
-    assert_chat_works(abuse_server.url, watcher)
+    assert_chat_works(abuse_server.url, watcher, server=abuse_server)
     wait_baseline(pid, baseline, timeout=WAIT)
 
 
@@ -296,7 +318,7 @@ def test_dead_peer_removed_by_keepalive(start_server):
         assert gone_after <= interval + timeout + 1.0, f"took {gone_after:.2f}s"
         assert gone_after >= interval, "dropped before it was ever pinged"
         # The watcher went through the same pings and is still here.
-        assert_chat_works(server.url, watcher)
+        assert_chat_works(server.url, watcher, server=server)
         assert "* zombie left" in watcher.messages
 
 
@@ -386,5 +408,5 @@ def test_churn(start_server):
               f"({CHURN_CYCLES / elapsed:.0f}/s); baseline {baseline}; after {after}; "
               f"peak RSS right after {peak_rss / 1024:.1f}MiB; RSS growth {growth_mb:.2f}MB")
         assert growth_mb < 20
-        assert_chat_works(server.url, w1)
+        assert_chat_works(server.url, w1, server=server)
         assert w2.connected

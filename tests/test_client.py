@@ -224,6 +224,12 @@ def test_pipe_skips_empty_lines_and_keeps_order(server, observer):
         "* Bob joined", "[Bob] one", "[Bob] two", "[Bob] three", "* Bob left"]
 
 
+def test_pipe_input_that_is_not_utf8_is_replaced_not_fatal(server):
+    result = subprocess.run([*CLIENT, "--addr", server.addr], cwd=ROOT, env=ENV,
+                            input=b"caf\xe9\n", capture_output=True, timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "caf\ufffd\n".encode(), b"")
+
+
 def test_pipe_prints_messages_of_others_and_binary(server, observer, piped):
     client = piped("--addr", server.addr, "--username", "Carol")
     receive_until(observer, "* Carol joined")

@@ -60,7 +60,7 @@ def expect_fail(raw: RawWS, code: int, timeout: float = WAIT) -> None:
 
 def still_chatting(server: ServerProcess, watcher: Watcher) -> None:
     assert server.proc.poll() is None, "server died"
-    assert_chat_works(server.url, watcher)
+    assert_chat_works(server.url, watcher, server=server)
 
 
 def own_echo(raw: RawWS, payload: bytes, opcode: int = OP_TEXT) -> None:

@@ -1,0 +1,249 @@
+"""The loads, and the numbers each one takes from a server.
+
+A scenario run starts its own fresh server(s), hands one ``Job`` per load
+process, and turns the processes' counts into flat metrics. All timing is
+CLOCK_MONOTONIC, which the coordinator, the load processes and the send
+stamps inside payloads share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+from .loadgen import Job, LoadPool, Publisher
+from .servers import HOST, ServerProcess
+
+# Fan-out publisher window, in messages: it sends seq n only once every
+# receiver (all processes, read through shared memory) has seq n - W. Deep
+# enough that the server never idles between our ~1 ms feedback turns, shallow
+# enough that a client's queue stays ~17 KB, far below our 4 MiB eviction.
+FANOUT_WINDOW_MSGS = 256
+FANOUT_SIZE_BYTES = 64
+LATENCY_SUBSCRIBERS = 100
+LATENCY_RATE_HZ = 200
+MANY_PUBLISHERS = 50
+MANY_RATE_HZ = 20  # per publisher: 1,000 msg/s in, 50,000 deliveries/s out
+SMALL_SIZE_BYTES = 64
+SLOW_SUBSCRIBERS = 100
+# Slow-consumer load: big enough messages that the stalled client's queue
+# overflows our 4 MiB limit in ~2 s (2 MB/s), so its eviction falls inside
+# the run; 50,000 deliveries/s keeps both servers below saturation.
+SLOW_RATE_HZ = 500
+SLOW_SIZE_BYTES = 4096
+# The coordinator looks at the stalled client's TCP state this often.
+WATCH_PERIOD_S = 0.05
+# Load processes get "go" this long before t0, so all start on time.
+START_LEAD_S = 0.2
+# After a burst of connects the server needs a moment before its RSS and
+# thread count stop moving (threads finish starting, buffers are touched).
+SETTLE_S = 1.0
+# Capacity: the single broadcast is sent in this window, and must reach
+# everyone within the drain time or it counts as not reached.
+CAPACITY_SEND_S = 0.2
+CAPACITY_REACH_TIMEOUT_S = 10.0
+CAPACITY_CONNECT_TIMEOUT_S = 120.0
+# Messages still in flight when the window closes must arrive within this.
+DRAIN_S = 2.0
+# Extra time the coordinator allows the load processes to report.
+RESULT_MARGIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Durations and sizes: full, or --quick for a smoke test."""
+
+    warmup_s: float
+    measure_s: float
+    slow_measure_s: float
+    capacity_conns: int
+    capacity_repeats: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(warmup_s=0.5, measure_s=2.0, slow_measure_s=6.0,
+                       capacity_conns=2_000, capacity_repeats=1)
+        return cls(warmup_s=1.0, measure_s=6.0, slow_measure_s=9.0,
+                   capacity_conns=10_000, capacity_repeats=2)
+
+
+@contextlib.contextmanager
+def started(kind: str, log):
+    server = ServerProcess.start(kind, log)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _jobs(pool: LoadPool, server: ServerProcess, subscribers: int, publishers: list[Publisher],
+          slow: int = 0, **common) -> list[Job]:
+    """Spread clients evenly over the load processes; publishers round-robin from the first."""
+    jobs = [Job(HOST, server.port, subscribers=n, total_publishers=len(publishers), **common)
+            for n in _split(subscribers, pool.procs)]
+    for i, pub in enumerate(publishers):
+        jobs[i % pool.procs].publishers.append(pub)
+    jobs[-1].slow = slow
+    return jobs
+
+
+def _percentile(sorted_values, q: float):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _drive(pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=None, watch=None) -> dict:
+    """Connect, run, and summarize one load.
+
+    ``connected(ready)`` runs once every client is up, before any message;
+    ``watch(t0)`` is polled while the load runs.
+    """
+    ready = pool.connect(jobs)
+    if connected:
+        connected(ready)
+    job = jobs[0]
+    t0 = time.monotonic() + START_LEAD_S
+    t_win, t_end = t0 + job.warmup_s, t0 + job.warmup_s + job.measure_s
+    pool.go(int(t0 * 1e9))
+    cpu = {}
+    for name, until in (("start", t_win), ("end", t_end)):
+        while (now := time.monotonic()) < until:
+            if watch:
+                watch(t0)
+            time.sleep(min(WATCH_PERIOD_S, until - now))
+        cpu[name] = server.cpu_seconds()
+    results = pool.results(job.drain_s + RESULT_MARGIN_S)
+
+    latencies = sorted(x for r in results for x in r["latencies_ns"])
+    ms = lambda ns: None if ns is None else ns / 1e6  # noqa: E731
+    procs_cpu = [r["cpu_s"] / job.measure_s * 100 for r in results]
+    out = {
+        "deliveries_per_s": sum(r["deliveries"] for r in results) / job.measure_s,
+        "lost": sum(r["lost"] for r in results),
+        "out_of_order": sum(r["out_of_order"] for r in results),
+        "closed_by_server": sum(r["closed_by_server"] for r in results),
+        "reached": sum(r["complete"] for r in results),
+        "receivers": sum(r["receivers"] for r in results),
+        "published": sum(sum(r["sent"].values()) for r in results),
+        "p50_ms": ms(_percentile(latencies, 0.50)),
+        "p99_ms": ms(_percentile(latencies, 0.99)),
+        "max_ms": ms(latencies[-1] if latencies else None),
+        "latency_samples": len(latencies),
+        "server_cpu_pct": (cpu["end"] - cpu["start"]) / job.measure_s * 100,
+        "loadgen_cpu_pct": sum(procs_cpu),
+        "loadgen_max_proc_cpu_pct": max(procs_cpu),
+        "connected": sum(r["connected"] for r in ready),
+        "connect_failed": sum(r["failed"] for r in ready),
+    }
+    span_ns = max(r["t_last_ns"] for r in ready) - min(r["t_first_ns"] for r in ready)
+    out["connect_per_s"] = out["connected"] / (span_ns / 1e9) if span_ns > 0 else None
+    out["slow_ports"] = [p for r in ready for p in r["slow_ports"]]
+    return out
+
+
+def fanout(subscribers: int):
+    def run(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+        with started(kind, log) as server:
+            jobs = _jobs(pool, server, subscribers, [Publisher(0)], stream=True,
+                         window=FANOUT_WINDOW_MSGS, size=FANOUT_SIZE_BYTES,
+                         warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
+            return _drive(pool, server, jobs)
+    return run
+
+
+def latency(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+    with started(kind, log) as server:
+        jobs = _jobs(pool, server, LATENCY_SUBSCRIBERS, [Publisher(0, rate=LATENCY_RATE_HZ)],
+                     size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.measure_s,
+                     drain_s=DRAIN_S)
+        return _drive(pool, server, jobs)
+
+
+def many_publishers(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+    spread_s = 1 / (MANY_PUBLISHERS * MANY_RATE_HZ)  # evenly interleaved, not in lockstep
+    pubs = [Publisher(i, rate=MANY_RATE_HZ, phase_s=i * spread_s, counted=True)
+            for i in range(MANY_PUBLISHERS)]
+    with started(kind, log) as server:
+        jobs = _jobs(pool, server, 0, pubs, size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s,
+                     measure_s=plan.measure_s, drain_s=DRAIN_S)
+        return _drive(pool, server, jobs)
+
+
+def capacity(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+    """N connections (one of them publishes once, and receives its echo like the rest)."""
+    n = plan.capacity_conns
+    with started(kind, log) as server:
+        time.sleep(SETTLE_S)
+        rss_before = server.rss_bytes()
+        jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
+                     size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
+                     drain_s=CAPACITY_REACH_TIMEOUT_S, connect_timeout_s=CAPACITY_CONNECT_TIMEOUT_S)
+        seen = {}
+
+        def settled(_ready) -> None:
+            time.sleep(SETTLE_S)
+            seen["rss"] = server.rss_bytes()
+            seen["threads"] = server.threads()
+
+        out = _drive(pool, server, jobs, connected=settled)
+    connected = max(out["connected"], 1)
+    out.update({
+        "rss_before_mib": rss_before / 2**20,
+        "rss_after_mib": seen["rss"] / 2**20,
+        "rss_per_conn_kib": (seen["rss"] - rss_before) / connected / 1024,
+        "server_threads": seen["threads"],
+        "broadcast_reach_ms": out["max_ms"] if out["reached"] == out["receivers"] else None,
+    })
+    return out
+
+
+def slow_consumer(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+    """The same load without, then with, one client that never reads."""
+    runs = {}
+    for slow in (0, 1):
+        with started(kind, log) as server:
+            jobs = _jobs(pool, server, SLOW_SUBSCRIBERS, [Publisher(0, rate=SLOW_RATE_HZ)], slow=slow,
+                         size=SLOW_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.slow_measure_s,
+                         drain_s=DRAIN_S)
+            ports: list[int] = []
+            gone = {}
+
+            def watch(t0: float) -> None:
+                if ports and "at" not in gone and not server.still_connected(ports[0]):
+                    gone["at"] = time.monotonic() - t0
+
+            runs[slow] = _drive(pool, server, jobs, watch=watch,
+                                connected=lambda ready: ports.extend(p for r in ready for p in r["slow_ports"]))
+            runs[slow]["disconnect_s"] = gone.get("at")
+    base, with_slow = runs[0], runs[1]
+    out = dict(with_slow)
+    out.update({
+        "baseline_deliveries_per_s": base["deliveries_per_s"],
+        "baseline_p99_ms": base["p99_ms"],
+        "kept_deliveries": with_slow["deliveries_per_s"] / base["deliveries_per_s"],
+        "p99_vs_baseline": (with_slow["p99_ms"] / base["p99_ms"]
+                            if with_slow["p99_ms"] and base["p99_ms"] else None),
+        "baseline_server_cpu_pct": base["server_cpu_pct"],
+        "baseline_loadgen_cpu_pct": base["loadgen_cpu_pct"],
+        "slow_disconnect_s": with_slow["disconnect_s"],
+        "scenario_s": plan.warmup_s + plan.slow_measure_s,
+    })
+    return out
+
+
+SCENARIOS = {
+    "fanout-10": fanout(10),
+    "fanout-100": fanout(100),
+    "fanout-1000": fanout(1000),
+    "latency": latency,
+    "many-publishers": many_publishers,
+    "capacity": capacity,
+    "slow-consumer": slow_consumer,
+}

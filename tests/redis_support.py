@@ -1,0 +1,211 @@
+"""Helpers for the multi-node tests (tests/test_redis.py): a real Redis, /healthz, timed receivers.
+
+Redis is a real ``redis-server`` run by pytest-redis's ``RedisExecutor``
+(mirakuru), on a free port chosen by ``port_for`` as pytest-redis does, with
+persistence off. The executor, unlike pytest-redis's session-scoped
+``redis_proc`` fixture, can be stopped and started again on the same port,
+which the outage tests need. Every blocking call here takes a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+import websocket  # websocket-client
+from port_for import get_port
+from pytest_redis.config import get_config
+from pytest_redis.executor import RedisExecutor
+
+NOT_INSTALLED = "redis-server not installed: Redis tests SKIPPED (install redis-server or pass --redis-exec)"
+START_TIMEOUT_S = 10
+
+
+class TestRedis:
+    """One redis-server: ``url``, ``stop()``/``start()`` on the same port, a redis-py client."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, request, datadir: Path) -> None:
+        config = get_config(request)  # honours --redis-exec and the redis_exec ini key
+        self.host = "127.0.0.1"
+        self.port = get_port(None)
+        self.executor = RedisExecutor(
+            executable=config.exec,
+            databases=1,
+            redis_timeout=0,  # never drop idle clients
+            loglevel="notice",
+            host=self.host,
+            port=self.port,
+            startup_timeout=START_TIMEOUT_S,
+            save='""',  # no RDB snapshots; appendonly is "no" by default
+            datadir=datadir,
+        )
+        self._clients: list[redis.Redis] = []
+        self._admin: redis.Redis | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> "TestRedis":
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM): Redis closes every client connection."""
+        self.executor.stop()
+
+    def crash(self) -> None:
+        """SIGKILL: connections die with the process."""
+        self.executor.kill(wait=True, sig=9)
+
+    def running(self) -> bool:
+        return self.executor.running()
+
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=timeout,
+                             socket_connect_timeout=timeout)
+        self._clients.append(client)
+        return client
+
+    @property
+    def admin(self) -> redis.Redis:
+        """One shared redis-py client for the test's own queries."""
+        if self._admin is None:
+            self._admin = self.client()
+        return self._admin
+
+    def numsub(self, channel: str) -> int:
+        return dict(self.admin.pubsub_numsub(channel))[channel.encode()]
+
+    def wait_numsub(self, channel: str, n: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (got := self.numsub(channel)) != n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"PUBSUB NUMSUB {channel} is {got}, not {n}, after {timeout}s")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.executor.stop()
+
+
+class Monitor(threading.Thread):
+    """Records every command Redis executes (MONITOR) until it sees ``ECHO <sentinel>``."""
+
+    SENTINEL = "monitor-stop"
+
+    def __init__(self, server: TestRedis, timeout: float = 10.0) -> None:
+        super().__init__(name="redis-monitor", daemon=True)
+        self.server = server
+        self.commands: list[str] = []
+        self.error: BaseException | None = None
+        self._client = server.client(timeout)
+        self._monitor = self._client.monitor()
+        self._monitor.__enter__()  # MONITOR is on before start() returns
+
+    def run(self) -> None:
+        try:
+            while True:
+                command = self._monitor.next_command()["command"]
+                if command == f"ECHO {self.SENTINEL}":
+                    return
+                self.commands.append(command)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+        finally:
+            self._monitor.__exit__(None, None, None)
+
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        self.server.admin.echo(self.SENTINEL)
+        self.join(timeout)
+        assert not self.is_alive(), "MONITOR did not see its sentinel"
+        assert self.error is None, repr(self.error)
+        return self.commands
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus any BROADCAST_* the developer has set, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+# /healthz
+
+
+def health(node, timeout: float = 5.0) -> tuple[int, str, str]:
+    """GET /healthz: (status, Content-Type, body text)."""
+    url = f"http://{node.host}:{node.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.headers.get("Content-Type"), response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers.get("Content-Type"), error.read().decode()
+
+
+def wait_health(node, state: str, timeout: float = 5.0) -> dict:
+    """Poll /healthz until its ``redis`` is ``state``; the body, parsed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, body = health(node)
+        parsed = json.loads(body)
+        if parsed["redis"] == state:
+            return parsed
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/healthz still {status} {body.strip()} after {timeout}s, not {state!r}")
+        time.sleep(0.02)
+
+
+# Receivers that note when each message arrived
+
+
+class TimedReceiver(threading.Thread):
+    """A websocket-client reading ``n`` messages, each with ``time.monotonic_ns()`` on arrival."""
+
+    def __init__(self, url: str, n: int, timeout: float) -> None:
+        super().__init__(name="timed-receiver", daemon=True)
+        self.ws = websocket.create_connection(url, timeout=timeout)
+        self.n = n
+        self.timeout = timeout
+        self.received: list[tuple[int, str]] = []  # (arrival ns, text)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            while len(self.received) < self.n:
+                self.ws.settimeout(max(0.01, deadline - time.monotonic()))
+                text = self.ws.recv()
+                self.received.append((time.monotonic_ns(), text))
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+
+    def result(self) -> list[tuple[int, str]]:
+        self.join(self.timeout + 5)
+        assert not self.is_alive(), "receiver still reading"
+        if self.error is not None:
+            raise AssertionError(f"{self.error!r} after {len(self.received)} of {self.n} messages")
+        return self.received
+
+    def close(self) -> None:
+        try:
+            self.ws.close(timeout=1)
+        except Exception:
+            pass
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    rank = max(1, -(-len(sorted_values) * p // 100))  # ceil
+    return sorted_values[int(rank) - 1]
