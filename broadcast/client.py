@@ -4,10 +4,10 @@ Two threads share one WebSocket: the main thread reads what the user types (or
 what is piped in) and sends it; a reader thread prints what arrives. The main
 thread spends its life blocked in ``input()`` or a read of stdin, which nothing
 but a signal interrupts, so when the server goes away the reader thread
-records why and sends SIGINT to the main thread. A SIGINT handler that raises
-KeyboardInterrupt once, and then ignores SIGINT, gives the user's Ctrl+C and
-the reader's signal one single path out, and no second signal can land while
-the client is closing.
+records why and sends SIGINT to the main thread until it stops reading input.
+A SIGINT handler that raises KeyboardInterrupt once, and then ignores SIGINT,
+gives the user's Ctrl+C and the reader's signal one single path out, and no
+second signal can land while the client is closing.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ PROMPT = "> "
 WS_PATH = "/ws"
 CONNECT_TIMEOUT = 10.0  # seconds to resolve, connect and finish the handshake
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the server's reply to our close frame
+SIGNAL_REPEAT = 0.2  # seconds between SIGINTs until the main thread stops reading input
 CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
 CLOSE_CODE_NAMES = {
     1000: "normal closure",
@@ -115,7 +116,7 @@ def _one_line(text: str) -> str:
 
 
 class Session:
-    """One connected client: the typing side, the reading side, and the close."""
+    """What the two threads share, so that how the session ends is decided once."""
 
     def __init__(self, ws: websocket.WebSocket, username: str | None, linger: float) -> None:
         self.ws = ws
@@ -132,6 +133,7 @@ class Session:
         self.status: int | None = None  # exit status, once the server ended the session
         self.closing = False  # the user ended the session; the reader stays quiet
         self.expected: collections.deque[str] = collections.deque()  # pipe mode echoes
+        self.input_done = threading.Event()  # the main thread no longer reads input
         self.reader_done = threading.Event()
 
     def run(self) -> int:
@@ -142,6 +144,7 @@ class Session:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
             pass  # the user's Ctrl+C, or the reader saying the server is gone
+        self.input_done.set()
         return self._close()
 
     def _lines(self):
@@ -191,7 +194,12 @@ class Session:
         except (websocket.WebSocketException, OSError) as exc:
             status, message = 1, f"connection lost: {_reason(exc)}"
         if self._settle(status, message):
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            # A signal that lands just before the main thread blocks in read()
+            # or select() is only handled once that call returns: repeat it.
+            while True:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                if self.input_done.wait(SIGNAL_REPEAT):
+                    break
         self.reader_done.set()
 
     def _show(self, text: str) -> None:
@@ -207,7 +215,10 @@ class Session:
             sys.stdout.flush()
 
     def _settle(self, status: int, message: str) -> bool:
-        """Record and print why the session ended, unless it already has ended."""
+        """Let the first of server and user to end the session say how it ended.
+
+        False tells a later caller that the end is already told.
+        """
         with self.cond:
             if self.closing or self.status is not None:
                 return False
@@ -228,7 +239,7 @@ class Session:
             self.ws.send_close(websocket.STATUS_NORMAL)
             self.reader_done.wait(CLOSE_TIMEOUT)
         self.ws.shutdown()
-        return self.status or 0
+        return self.status if settled else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(errors="replace")
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        ws = websocket.create_connection(url, timeout=CONNECT_TIMEOUT, class_=_WebSocket)
+        # No Origin header: that is how a server tells a program from a browser
+        # page, and an origin list on the server is for pages only.
+        ws = websocket.create_connection(url, timeout=CONNECT_TIMEOUT, class_=_WebSocket,
+                                         suppress_origin=True)
         ws.settimeout(None)  # the reader thread waits for messages for as long as it takes
         session = Session(ws, args.username, args.linger)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import logging
 import sys
 
 import configargparse
+from redis.connection import parse_url
 
 ENV_PREFIX = "BROADCAST_"
 
@@ -67,6 +68,15 @@ port = _bounded_int(0, 65535, "port")
 size = _bounded_int(0, None, "size")
 count = _bounded_int(0, None, "count")
 seconds = _non_negative_float("seconds")
+
+
+def _redis_url(text: str) -> str:
+    """Checked by redis-py's own parser, so a typo fails at start, not at first use."""
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad Redis URL {text!r}: {exc}") from None
+    return text
 
 
 def _log_level(text: str) -> str:
@@ -136,7 +146,7 @@ def server_parser() -> OneLineParser:
     security.add_argument("--require-username", action="store_true",
                           help="refuse anonymous clients, who could otherwise type '[Bob] hi' and pass as Bob")
     nodes = p.add_argument_group("several servers")
-    nodes.add_argument("--redis-url", default=None, metavar="redis://HOST:PORT/DB",
+    nodes.add_argument("--redis-url", type=_redis_url, default=None, metavar="redis://HOST:PORT/DB",
                        help="share one room with every server on this Redis (default: this server alone)")
     nodes.add_argument("--redis-channel", default="broadcast", help="pub/sub channel (default %(default)s)")
     nodes.add_argument("--redis-optional", action="store_true",

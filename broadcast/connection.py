@@ -10,7 +10,6 @@ hub shares one encoded frame among all clients.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import threading
@@ -18,11 +17,11 @@ import time
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN
-from websockets.server import ServerProtocol
 
 from .handshake import Refused
 from .limits import TokenBucket
 from .outbox import Outbox
+from .protocol import BroadcastProtocol
 
 log = logging.getLogger("broadcast.server")
 
@@ -37,8 +36,6 @@ CLOSE_TIMEOUT_S = 5.0
 # HTTP parser bounds each line (8 KiB) and the header count, not the total.
 MAX_HANDSHAKE_BYTES = 64 * 1024
 
-_utf8_decoder = codecs.getincrementaldecoder("utf-8")
-
 
 class Connection:
     def __init__(self, server, transport, ip: str, peer: str) -> None:
@@ -48,7 +45,7 @@ class Connection:
         self.ip = ip
         self.peer = peer
         self.lock = threading.Lock()
-        self.protocol = ServerProtocol(
+        self.protocol = BroadcastProtocol(
             origins=server.origins,
             max_size=config.max_message_size or None,
             logger=server.wire_log,
@@ -59,10 +56,9 @@ class Connection:
         self.joined = False
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self.why = "connection lost"  # for the disconnect log line
-        # Message being reassembled from fragments.
+        # Message being reassembled from fragments (already checked by the protocol).
         self._parts: list[bytes] = []
         self._opcode = None
-        self._decoder = None
         # Keepalive and closing deadlines, read by the ticker.
         self._ping: bytes | None = None
         self._ping_at = time.monotonic()
@@ -72,28 +68,39 @@ class Connection:
 
     def run(self) -> None:
         try:
-            if self._open():
+            early = self._open()
+            if early is not None:
+                self._handle(early)
                 self._read_loop(self.transport.recv)
         except Exception:
             log.exception("error on connection from %s", self.peer)
         finally:
             if self.joined:
                 self.server.depart(self)
+            # What the client is still owed (a close frame, the echo of its
+            # last message) goes out before the socket does, within bounds.
+            self.outbox.drain(CLOSE_TIMEOUT_S)
             self.outbox.release()
             self.server.forget(self)
 
-    def _open(self) -> bool:
-        """Run the opening handshake under the open timeout."""
-        sock = self.transport.sock
-        sock.settimeout(self.server.config.open_timeout or None)
-        if not self.transport.handshake():
-            return False
+    def _open(self) -> list[Frame] | None:
+        """Run the opening handshake under the open timeout.
+
+        Returns the frames a hasty client sent right behind its request
+        (they are parsed with it), or None if the connection did not open.
+        """
+        open_timeout = self.server.config.open_timeout
+        deadline = time.monotonic() + open_timeout if open_timeout else None
+        if not self.transport.handshake(deadline):
+            return None
         received = 0
         request = None
         while request is None:
+            if not self.transport.set_deadline(deadline):
+                return None
             data = self.transport.recv()
             if not data:
-                return False
+                return None
             received += len(data)
             with self.lock:
                 if received > MAX_HANDSHAKE_BYTES:
@@ -102,7 +109,7 @@ class Connection:
                 self.protocol.receive_data(data)
                 events = self.protocol.events_received()
                 if events:
-                    request = events[0]
+                    request, early = events[0], events[1:]
                 else:
                     self._push_locked()  # a malformed request: the parser already answered
                     if self.protocol.close_expected():
@@ -111,15 +118,20 @@ class Connection:
             with self.lock:
                 response = self.server.admit(self, request)
                 self.protocol.send_response(response)
-                self._push_locked()
+                if response.status_code == 101:
+                    # Joined in the same step as the 101 is queued: nothing
+                    # broadcast after the client sees 101 can pass it by.
+                    self.server.arrive(self, self.protocol.data_to_send())
+                else:
+                    self._push_locked()
             if response.status_code == 101:
-                sock.settimeout(None)
-                self.server.arrive(self)
-                return True
+                self.transport.set_deadline(None)
+                self.server.announce(self)
+                return early
         # Refused: keep reading until the client hangs up, so that it gets
         # the response rather than a reset; the open timeout bounds this.
         self._read_loop(self.transport.recv)
-        return False
+        return None
 
     def _refuse_locked(self, refusal: Refused) -> None:
         self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
@@ -135,40 +147,38 @@ class Connection:
                 else:
                     protocol.receive_eof()
                 events = protocol.events_received()
+            self._handle(events)
+            with self.lock:
+                # After relaying: a message that came with a close frame is
+                # echoed to its sender before the close is answered.
                 self._push_locked()
-            for frame in events:
-                if not self._on_frame(frame):
-                    break
-            if not data:
-                return
+                done = protocol.close_rcvd is not None and protocol.close_sent is not None
+            if not data or done:
+                return  # the closing handshake is complete: the server hangs up first
+
+    def _handle(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            if not self._on_frame(frame):
+                break
 
     def _on_frame(self, frame: Frame) -> bool:
         """Handle one incoming frame; False once the connection has failed."""
         opcode = frame.opcode
         if opcode is _TEXT or opcode is _BINARY:
             if frame.fin:
-                if opcode is _TEXT and not self._valid_text(frame.data, True):
-                    return False
                 return self._deliver(opcode, frame.data)
             self._opcode = opcode
             self._parts = [frame.data]
-            self._decoder = _utf8_decoder() if opcode is _TEXT else None
-            return opcode is _BINARY or self._valid_text(frame.data, False)
-        if opcode is _CONT:
+        elif opcode is _CONT:
             self._parts.append(frame.data)
-            if self._decoder is not None and not self._valid_text(frame.data, frame.fin):
-                return False
             if frame.fin:
                 payload = b"".join(self._parts)
                 self._parts = []
-                self._decoder = None
                 return self._deliver(self._opcode, payload)
-            return True
-        if opcode is _PONG:
+        elif opcode is _PONG:
             if frame.data == self._ping:
                 self._ping = None
-            return True
-        if opcode is _CLOSE and self.protocol.close_rcvd_then_sent:
+        elif opcode is _CLOSE and self.protocol.close_rcvd_then_sent:
             self.why = f"closed by client: {self.protocol.close_rcvd}"
         return True
 
@@ -178,18 +188,6 @@ class Connection:
             return False
         self.server.relay(self, opcode, payload)
         return True
-
-    def _valid_text(self, data: bytes, final: bool) -> bool:
-        """RFC 6455 8.1: text must be UTF-8, checked fragment by fragment."""
-        try:
-            if self._decoder is None:
-                data.decode()  # a whole message in one frame
-            else:
-                self._decoder.decode(data, final)
-            return True
-        except UnicodeDecodeError as exc:
-            self.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
-            return False
 
     # Any thread.
 
@@ -253,7 +251,9 @@ class Connection:
                         self._push_locked()
         elif ping_timeout and now - self._ping_at > ping_timeout:
             self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-            self.abort("keepalive ping timeout")
+            # The peer is presumably gone: give the writer one tick to put the
+            # close frame on the wire, then hang up without waiting for an answer.
+            self._close_by = now
 
     @property
     def label(self) -> str:

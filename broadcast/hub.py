@@ -21,9 +21,10 @@ class Hub:
     def __len__(self) -> int:
         return len(self._members)
 
-    def join(self, conn) -> int:
-        """Add ``conn``; returns the new count."""
+    def join(self, conn, first: list[bytes]) -> int:
+        """Add ``conn``, whose outbox gets ``first`` (the 101) before any broadcast."""
         with self._lock:
+            conn.outbox.put_control(first, closing=False)
             self._members += (conn,)
             return len(self._members)
 

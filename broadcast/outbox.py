@@ -35,6 +35,7 @@ class Outbox:
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "queued", "head",
         "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
+        "drained",
     )
 
     def __init__(self, transport, writer: Writer, limit: int) -> None:
@@ -52,6 +53,7 @@ class Outbox:
         self.dead = False  # the reader is done; the socket can go
         self.registered = False  # in the writer's epoll set (writer thread only)
         self.blocked_since: float | None = None  # socket full since then
+        self.drained: threading.Event | None = None  # set when idle; for drain()
 
     def put(self, frame: bytes) -> bool:
         """Queue one data frame; False when the client is too far behind.
@@ -97,6 +99,16 @@ class Outbox:
             self.scheduled = True
         self.writer.schedule(self)
 
+    def drain(self, timeout: float) -> None:
+        """Wait until all that is queued is sent, the socket fails, or ``timeout``."""
+        with self.lock:
+            if not self.scheduled or self.dead:
+                return
+            if self.drained is None:
+                self.drained = threading.Event()
+            drained = self.drained
+        drained.wait(timeout)
+
     def release(self) -> None:
         """The reader is done: drop what is owed and let the writer close."""
         with self.lock:
@@ -140,6 +152,8 @@ class Outbox:
                 self.chunks.clear()
                 self.queued = 0
                 self.head = b""
+                if self.drained is not None:
+                    self.drained.set()
             return FLUSHED
         with self.lock:
             if sent == len(head):
@@ -156,6 +170,8 @@ class Outbox:
 
     def _idle(self) -> int:
         self.scheduled = False
+        if self.drained is not None:
+            self.drained.set()
         return FLUSHED
 
 

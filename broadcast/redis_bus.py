@@ -79,6 +79,7 @@ class RedisBus:
             url, socket_connect_timeout=PUBLISH_TIMEOUT_S, retry=no_retry,
         )
         self._backoff = ExponentialBackoff(cap=RECONNECT_CAP_S, base=RECONNECT_FIRST_S)
+        self._failures = 0  # reconnect attempts in the current outage (listener only)
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="redis-listener", daemon=True)
 
@@ -118,24 +119,22 @@ class RedisBus:
     # Listener thread.
 
     def _listen(self) -> None:
-        failures = 0
         while not self._stop.is_set():
             pubsub = self._listen_client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                self._pump(pubsub, failures)
-                failures = 0
+                self._pump(pubsub)
             except redis.RedisError as exc:
-                if failures == 0:
+                if self._failures == 0:  # one error line per outage
                     log.error("redis %s unreachable: %s; delivering locally until it is back",
                               self.url, exc)
                 self.state = "reconnecting"
-                failures += 1
-                self._stop.wait(self._backoff.compute(failures))
+                self._failures += 1
+                self._stop.wait(self._backoff.compute(self._failures))
             finally:
                 self._close_pubsub(pubsub)
 
-    def _pump(self, pubsub, failures: int) -> None:
+    def _pump(self, pubsub) -> None:
         """Deliver from the channel until shutdown, or until Redis fails."""
         subscribed = False
         while not self._stop.is_set():
@@ -146,8 +145,9 @@ class RedisBus:
                 continue
             if message["type"] == "subscribe":
                 subscribed = True
-                if failures:
+                if self._failures:
                     log.info("redis %s is back; cross-node delivery resumed", self.url)
+                    self._failures = 0
                 self.state = "ok"
             elif message["type"] == "message":
                 self._deliver(message["data"])

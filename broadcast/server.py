@@ -197,13 +197,17 @@ class Server:
         state = self.bus.state
         body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
         response = protocol.reject(503 if state == "reconnecting" else 200, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response
 
-    def arrive(self, conn: Connection) -> None:
+    def arrive(self, conn: Connection, response: list[bytes]) -> None:
+        """Join the hub as the 101 ``response`` is queued; called under ``conn.lock``."""
         conn.joined = True
-        online = self.hub.join(conn)
+        online = self.hub.join(conn, response)
         log.info("connect %s (%d online)", conn.label, online)
+
+    def announce(self, conn: Connection) -> None:
         if conn.username:
             self.bus.publish(Opcode.TEXT, f"* {conn.username} joined".encode(), skip=conn)
 
@@ -246,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load TLS certificate %s: %s", config.certfile, exc)
         return 2
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():
+            os._exit(1)  # a second signal: the operator does not want to wait
+        stop.set()
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+
+    # Handlers first: a supervisor may signal as soon as it reads the
+    # listening line, and the default SIGTERM action would skip the shutdown.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     if isinstance(server.bus, RedisBus):
         try:
             server.bus.check()
@@ -260,16 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         return 1
 
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        if stop.is_set():
-            os._exit(1)  # a second signal: the operator does not want to wait
-        stop.set()
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     server.start()
     stop.wait()
     server.shutdown(config.shutdown_timeout)

@@ -37,8 +37,8 @@ class TLSTransport(PlainTransport):
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._lock = threading.Lock()
 
-    def handshake(self) -> bool:
-        """Complete the TLS handshake in the reader thread, under the open timeout."""
+    def handshake(self, deadline: float | None) -> bool:
+        """Complete the TLS handshake in the reader thread, before ``deadline``."""
         while True:
             with self._lock:
                 try:
@@ -50,8 +50,10 @@ class TLSTransport(PlainTransport):
                     return False
                 out = self._outgoing.read()
             try:
+                if not self.set_deadline(deadline):
+                    return False
                 if out:
-                    self.sock.sendall(out)  # bounded by the socket's open timeout
+                    self.sock.sendall(out)  # bounded by the deadline
                 if done:
                     return True
                 data = self.sock.recv(RECV_IDLE_BYTES)

@@ -9,6 +9,7 @@ bytes in stream order; for plain TCP it is the identity.
 from __future__ import annotations
 
 import socket
+import time
 
 # An idle reader sits in recv() holding a buffer of the size it asked for,
 # so it asks for little: 10,000 idle clients must not pin 64 KiB each.
@@ -29,8 +30,23 @@ class PlainTransport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def handshake(self) -> bool:
+    def handshake(self, deadline: float | None) -> bool:
         """Transport-level handshake before HTTP; nothing to do in plain TCP."""
+        return True
+
+    def set_deadline(self, deadline: float | None) -> bool:
+        """Make the next blocking call give up at ``deadline``; False if it has passed.
+
+        A per-call timeout alone would let a client that trickles one byte
+        at a time hold the connection open forever.
+        """
+        if deadline is None:
+            self.sock.settimeout(None)
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.sock.settimeout(remaining)
         return True
 
     def recv(self) -> bytes:

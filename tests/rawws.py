@@ -456,6 +456,13 @@ class Watcher:
     def wait_message(self, message, timeout: float = DEFAULT_TIMEOUT):
         self.wait_for(lambda msgs: message in msgs, timeout, repr(message)[:80])
 
+    def wait_closed(self, timeout: float = DEFAULT_TIMEOUT) -> ConnectionClosed:
+        """Wait for the server to end the connection; returns how it ended."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"watcher still connected after {timeout}s"
+        assert self.closed is not None
+        return self.closed
+
     @property
     def connected(self) -> bool:
         return self.closed is None and self._thread.is_alive()
@@ -521,6 +528,19 @@ def proc_stats(pid: int) -> ProcStats:
         fds=len(os.listdir(f"/proc/{pid}/fd")),
         rss_kb=int(status["VmRSS"].split()[0]),
     )
+
+
+def settled_stats(pid: int, timeout: float = DEFAULT_TIMEOUT) -> ProcStats:
+    """The figures once they stop moving (earlier connections fully gone), for a baseline."""
+    previous = proc_stats(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = proc_stats(pid)
+        if (now.threads, now.fds) == (previous.threads, previous.fds):
+            return now
+        previous = now
+    return previous
 
 
 def wait_baseline(pid: int, baseline: ProcStats, timeout: float = 10.0, slack_fds: int = 0) -> ProcStats:

@@ -19,7 +19,7 @@ import pytest
 from conftest import ServerProcess
 from rawws import (
     OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, Watcher, assert_chat_works, build_frame, close_payload,
-    handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, wait_baseline,
+    handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats, wait_baseline,
 )
 
 OPEN_TIMEOUT = 1.0
@@ -37,19 +37,6 @@ def abuse_server():
 def watcher(abuse_server):
     with Watcher(abuse_server.url) as w:
         yield w
-
-
-def settled_baseline(pid: int):
-    """The server's figures once connections from earlier tests are fully gone."""
-    previous = proc_stats(pid)
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = proc_stats(pid)
-        if (now.threads, now.fds) == (previous.threads, previous.fds):
-            return now
-        previous = now
-    return previous
 
 
 # Broken handshakes.
@@ -81,7 +68,7 @@ HOSTILE = {
 def test_hostile_handshake(abuse_server, watcher, case):
     build, status = HOSTILE[case]
     pid = abuse_server.proc.pid
-    baseline = settled_baseline(pid)
+    baseline = settled_stats(pid)
     sock = open_socket(abuse_server.port)
     try:
         started = time.monotonic()
@@ -166,7 +153,7 @@ def _eof_times(socks: list[socket.socket], started: float, timeout: float) -> di
 
 def test_slowloris_dropped_after_open_timeout(abuse_server, watcher):
     pid = abuse_server.proc.pid
-    baseline = settled_baseline(pid)
+    baseline = settled_stats(pid)
     half = handshake_request(abuse_server.port).split(b"\r\n")
     half = b"\r\n".join(half[:3]) + b"\r\n"  # request line and two headers, no end
     socks = []
@@ -214,7 +201,7 @@ def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
     must not outlive the open timeout by resetting the clock with each byte.
     """
     pid = abuse_server.proc.pid
-    baseline = settled_baseline(pid)
+    baseline = settled_stats(pid)
     head = handshake_request(abuse_server.port)[:-2] + b"X-Slow: " + b"z" * 1000
     socks = [open_socket(abuse_server.port) for _ in range(5)]
     started = time.monotonic()
@@ -249,7 +236,7 @@ def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
 def test_silent_tcp_connections_leave_nothing_behind(abuse_server, watcher):
     """1,000 connections opened and dropped without a word: half with FIN, half with RST."""
     pid = abuse_server.proc.pid
-    baseline = settled_baseline(pid)
+    baseline = settled_stats(pid)
     linger_rst = struct.pack("ii", 1, 0)
     started = time.monotonic()
     peak = baseline
@@ -275,7 +262,7 @@ def test_silent_tcp_connections_leave_nothing_behind(abuse_server, watcher):
 def test_half_closed_handshake_is_dropped(abuse_server, watcher):
     """A client that sends half a handshake and shuts down its side gets closed at once."""
     pid = abuse_server.proc.pid
-    baseline = settled_baseline(pid)
+    baseline = settled_stats(pid)
     socks = []
     for _ in range(20):
         s = open_socket(abuse_server.port)
@@ -315,7 +302,8 @@ def test_dead_peer_removed_by_keepalive(start_server):
             dead.close()
         print(f"\ndead peer removed {gone_after:.2f}s after joining "
               f"(--ping-interval {interval} --ping-timeout {timeout})")
-        assert gone_after <= interval + timeout + 1.0, f"took {gone_after:.2f}s"
+        # The ticker looks every ping_timeout / 4; the rest of the margin is for a loaded machine.
+        assert gone_after <= interval + timeout + 1.5, f"took {gone_after:.2f}s"
         assert gone_after >= interval, "dropped before it was ever pinged"
         # The watcher went through the same pings and is still here.
         assert_chat_works(server.url, watcher, server=server)
@@ -324,7 +312,7 @@ def test_dead_peer_removed_by_keepalive(start_server):
 
 def test_peer_answering_pings_is_kept(start_server):
     """The other side of keepalive: a raw client that does answer pings is not dropped."""
-    server = start_server("--ping-interval", "0.3", "--ping-timeout", "0.3")
+    server = start_server("--ping-interval", "0.4", "--ping-timeout", "1")
     with Watcher(server.url) as watcher:
         with RawWS.connect(server.port, username="alive") as alive:
             watcher.wait_message("* alive joined")
@@ -339,7 +327,7 @@ def test_peer_answering_pings_is_kept(start_server):
                 if frame.opcode == OP_PING:
                     pings += 1
                     alive.send_frame(OP_PONG, frame.payload)
-            assert pings >= 3, f"only {pings} keepalive pings in 2s at --ping-interval 0.3"
+            assert pings >= 3, f"only {pings} keepalive pings in 2s at --ping-interval 0.4"
             alive.send_text("still here")
             watcher.wait_message("[alive] still here")
             assert "* alive left" not in watcher.messages
@@ -360,7 +348,7 @@ def test_churn(start_server):
     server = start_server()
     pid = server.proc.pid
     with Watcher(server.url, max_size=None) as w1, Watcher(server.url, max_size=None) as w2:
-        baseline = settled_baseline(pid)
+        baseline = settled_stats(pid)
         next_cycle = iter(range(CHURN_CYCLES))
         lock = threading.Lock()
         sent: list[str] = []

@@ -203,6 +203,19 @@ def test_addr_as_url(server, form):
     assert (result.returncode, result.stdout, result.stderr) == (0, "[Bob] hi\n", "")
 
 
+def test_server_that_checks_origins_accepts_the_client(start_server):
+    """Browsers must come from an allowed Origin; a program sends none."""
+    server = start_server("--allowed-origin", "https://chat.example")
+    result = run_client("--addr", server.addr, "--username", "Bob", input="hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[Bob] hi\n", "")
+
+
+def test_token_in_addr_url_is_kept(start_server):
+    server = start_server("--token", "s3cret")
+    result = run_client("--addr", f"ws://{server.addr}/ws?token=s3cret", "--username", "Bob", input="hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[Bob] hi\n", "")
+
+
 # Pipe mode
 
 def test_pipe_prints_own_echo_and_exits_0(server):
@@ -255,16 +268,18 @@ def test_pipe_end_of_input_closes_with_1000_after_linger(recording_server):
 
 # Interactive mode
 
-def test_interactive_sends_typed_line_and_shows_echo(server, terminal):
+def test_interactive_sends_typed_lines_with_history(server, terminal):
     child = terminal("--addr", server.addr, "--username", "Alice")
     child.expect_exact("> ")
     child.send("hello there\r")
     child.expect_exact("[Alice] hello there")
     child.expect_exact("> ")
     child.send("\r")  # an empty line is not sent
+    child.send("\x1b[A\r")  # Up: readline's history brings the line back
+    child.expect_exact("[Alice] hello there")
     child.send("/quit\r")
     assert wait_exit(child) == 0
-    assert child.screen.getvalue().count("[Alice]") == 1
+    assert child.screen.getvalue().count("[Alice]") == 2  # nothing for the empty line
 
 
 def test_interactive_message_arrives_while_typing(server, observer, terminal):
@@ -395,5 +410,6 @@ def test_rejected_handshake_names_url_and_reason(server):
 def test_wrong_path_is_rejected_with_404(server):
     result = run_client("--addr", f"ws://{server.addr}/nope")
     assert result.returncode == 1
-    assert result.stderr.startswith(f"broadcast-client: ws://{server.addr}/nope rejected the handshake: HTTP 404")
+    prefix = f"broadcast-client: ws://{server.addr}/nope rejected the handshake: HTTP 404"
+    assert result.stderr.startswith(prefix)
     assert result.stderr.count("\n") == 1

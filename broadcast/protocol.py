@@ -1,0 +1,42 @@
+"""websockets' ServerProtocol, with the UTF-8 check RFC 6455 leaves to the application.
+
+Text is checked frame by frame inside the library's parser, not after it has
+handed over its events: the parser answers pings and close frames as it
+goes, so a later check would let a pong or a clean close follow an invalid
+frame. Raising from ``recv_frame`` makes the library fail the connection at
+that very frame with 1007, and discard the rest.
+
+The size limit is the library's own: it refuses a frame from its header,
+before buffering it. It counts a control frame against what is left of the
+current message, so a ping inside a message within 125 bytes of the limit
+closes with 1009; refusing oversized frames up front is worth that.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+
+
+class BroadcastProtocol(ServerProtocol):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._decoder = None  # while a text message is in progress
+
+    def recv_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if self.current_size is not None:
+                return super().recv_frame(frame)  # 1002: the last message is unfinished
+            self._decoder = _utf8_decoder() if opcode is _TEXT else None
+        if opcode is _TEXT or opcode is _CONT:
+            if self._decoder is not None:
+                self._decoder.decode(frame.data, frame.fin)  # UnicodeDecodeError: 1007
+            if frame.fin:
+                self._decoder = None
+        super().recv_frame(frame)
