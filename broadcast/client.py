@@ -20,6 +20,7 @@ import threading
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import websocket
+from websockets.frames import CLOSE_CODE_EXPLANATIONS
 
 from broadcast.config import parse_client_args
 
@@ -30,21 +31,11 @@ CONNECT_TIMEOUT = 10.0  # seconds to resolve, connect and finish the handshake
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the server's reply to our close frame
 SIGNAL_REPEAT = 0.2  # seconds between SIGINTs until the main thread stops reading input
 CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
-CLOSE_CODE_NAMES = {
-    1000: "normal closure",
-    1001: "going away",
-    1002: "protocol error",
-    1003: "unsupported data",
-    1005: "no status code",
-    1007: "invalid data",
-    1008: "policy violation",
-    1009: "message too big",
-    1010: "mandatory extension",
-    1011: "internal error",
-    1012: "service restart",
-    1013: "try again later",
-}
 CLEAR_LINE = "\r\x1b[2K"
+# Other people's messages reach a terminal: escape sequences in them could
+# move the cursor, retitle the window or hide text, so control characters
+# (C0 but tab, DEL, C1) are shown as \xNN instead.
+_VISIBLE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x09}
 
 
 def server_url(addr: str, username: str | None) -> str:
@@ -106,7 +97,7 @@ def _reason(exc: BaseException) -> str:
 
 def _close_reason(payload: bytes) -> tuple[int, str]:
     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-    why = f"{code} {CLOSE_CODE_NAMES.get(code, 'unknown code')}"
+    why = f"{code} {CLOSE_CODE_EXPLANATIONS.get(code, 'unknown code')}"
     reason = payload[2:].decode("utf-8", "replace")
     return code, f"{why} ({reason})" if reason else why
 
@@ -123,6 +114,7 @@ class Session:
         self.username = username
         self.linger = linger
         self.interactive = sys.stdin.isatty()
+        self.to_terminal = sys.stdout.isatty()
         self.readline = None
         if self.interactive:
             import readline  # line editing and history, and redrawing the typed line
@@ -207,6 +199,8 @@ class Session:
             if self.expected and self.expected[0] == text:
                 self.expected.popleft()
                 self.cond.notify_all()
+            if self.to_terminal:
+                text = text.translate(_VISIBLE)
             if self.interactive:
                 redraw = "" if self.closing else PROMPT + self.readline.get_line_buffer()
                 sys.stdout.write(f"{CLEAR_LINE}{text}\n{redraw}")
@@ -256,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # No Origin header: that is how a server tells a program from a browser
         # page, and an origin list on the server is for pages only.
-        ws = websocket.create_connection(url, timeout=CONNECT_TIMEOUT, class_=_WebSocket,
-                                         suppress_origin=True)
+        ws = websocket.create_connection(
+            url, timeout=CONNECT_TIMEOUT, class_=_WebSocket, suppress_origin=True,
+            header=[f"Authorization: Bearer {args.token}"] if args.token else None,
+            sslopt={"ca_certs": args.ca_file} if args.ca_file else None,
+        )
         ws.settimeout(None)  # the reader thread waits for messages for as long as it takes
         session = Session(ws, args.username, args.linger)
     except KeyboardInterrupt:

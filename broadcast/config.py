@@ -159,6 +159,9 @@ def client_parser() -> OneLineParser:
     p.add_argument("--addr", default="localhost:8080",
                    help="HOST:PORT of the server, or a full ws:// or wss:// URL (default %(default)s)")
     p.add_argument("--username", default=None, help="name shown with your messages")
+    p.add_argument("--token", default=None, help="sent as 'Authorization: Bearer TOKEN' (server --token)")
+    p.add_argument("--ca-file", default=None, metavar="PEM",
+                   help="CA certificates to verify a wss:// server with (default: the system's)")
     p.add_argument("--linger", type=seconds, default=2.0, metavar="SECONDS",
                    help="when input is piped: after end of input, wait at most this long "
                         "for the echo of what was sent (default %(default)s)")

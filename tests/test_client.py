@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pexpect
 import pytest
+import trustme
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
@@ -413,3 +414,55 @@ def test_wrong_path_is_rejected_with_404(server):
     prefix = f"broadcast-client: ws://{server.addr}/nope rejected the handshake: HTTP 404"
     assert result.stderr.startswith(prefix)
     assert result.stderr.count("\n") == 1
+
+
+# Token, TLS with a private CA, and what reaches the terminal.
+
+
+def test_token_flag_and_environment(start_server):
+    server = start_server("--token", "s3cret")
+    refused = run_client("--addr", server.addr, "--username", "Bob", input="hi\n")
+    assert refused.returncode == 1
+    assert "HTTP 401" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    done = run_client("--addr", server.addr, "--username", "Bob", "--token", "s3cret", input="hi\n")
+    assert (done.returncode, done.stdout) == (0, "[Bob] hi\n")
+    env_done = subprocess.run([*CLIENT, "--addr", server.addr], cwd=ROOT, input="yo\n",
+                              env={**ENV, "BROADCAST_TOKEN": "s3cret"}, capture_output=True,
+                              text=True, timeout=10)
+    assert (env_done.returncode, env_done.stdout) == (0, "yo\n")
+
+
+def test_wss_with_a_private_ca_file(start_server, tmp_path):
+    ca = trustme.CA()
+    chain = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(chain)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    server = start_server("--certfile", str(chain))
+    url = f"wss://127.0.0.1:{server.port}"
+    untrusted = run_client("--addr", url, input="hi\n")
+    assert untrusted.returncode == 1
+    assert "certificate" in untrusted.stderr.lower() and len(untrusted.stderr.splitlines()) == 1
+    done = run_client("--addr", url, "--username", "Tess", "--ca-file", str(ca_file), input="hi\n")
+    assert (done.returncode, done.stdout) == (0, "[Tess] hi\n")
+
+
+def test_escape_sequences_from_others_are_shown_not_obeyed(server, terminal, observer):
+    child = terminal("--addr", server.addr, "--username", "Alice")
+    child.expect_exact("> ")
+    assert receive_until(observer, "* Alice joined")
+    observer.send("\x1b]0;pwned\x07\x1b[2Jcleared?")
+    child.expect_exact("\\x1b]0;pwned\\x07\\x1b[2Jcleared?")
+    assert "\x1b]0;" not in child.screen.getvalue()
+    child.sendcontrol("d")
+    assert wait_exit(child) == 0
+
+
+def test_piped_output_keeps_messages_byte_for_byte(server, piped, observer):
+    client = piped("--addr", server.addr)
+    client.send("ready")
+    client.stdout.expect("ready")
+    observer.send("tab\there \x1b[1mbold")
+    assert client.stdout.expect("tab") == "tab\there \x1b[1mbold"
+    client.proc.stdin.close()
+    assert client.wait() == 0
