@@ -26,7 +26,7 @@ class LocalBus:
         self._hub.broadcast(encode(opcode, payload), skip)
 
     def start(self) -> None:
-        """Nothing to connect to."""
+        """Nothing to subscribe to."""
 
     def close(self) -> None:
         """Nothing to disconnect from."""

@@ -45,6 +45,9 @@ PUBLISH_TIMEOUT_S = 1.0
 PUBLISH_CONNECTIONS = 8
 # How often the listener wakes to notice shutdown or a failed publish.
 LISTEN_POLL_S = 0.25
+# At start, how long the server waits for its subscription before taking
+# clients anyway (Redis is slow, or --redis-optional and unreachable).
+SUBSCRIBE_WAIT_S = 2.0
 # Reconnect delays double from the first to the cap, so delivery resumes
 # within about a second of Redis coming back, and a long outage costs
 # one attempt a second.
@@ -80,24 +83,33 @@ class RedisBus:
         )
         self._backoff = ExponentialBackoff(cap=RECONNECT_CAP_S, base=RECONNECT_FIRST_S)
         self._failures = 0  # reconnect attempts in the current outage (listener only)
+        self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="redis-listener", daemon=True)
 
     def check(self) -> None:
-        """Raise RedisUnavailable unless Redis answers now."""
+        """Raise RedisUnavailable unless Redis answers now.
+
+        The caller reports the failure, so the listener counts this outage
+        as already told and does not log it again.
+        """
         try:
             self._client.ping()
         except redis.RedisError as exc:
+            self._failures = 1
             raise RedisUnavailable(f"{self.url}: {exc}") from None
 
     def start(self) -> None:
+        """Subscribe before the server takes clients, so none misses the room."""
         self._listener.start()
+        self._subscribed.wait(SUBSCRIBE_WAIT_S)
 
     def close(self) -> None:
         """Unsubscribe and close every Redis connection (graceful shutdown)."""
         self._stop.set()
         self._listener.join(LISTEN_POLL_S * 4 + PUBLISH_TIMEOUT_S)
-        self._client.close()
+        self._client.connection_pool.disconnect()  # a pool passed in is not closed for us
+        self._listen_client.close()
 
     # Reader threads.
 
@@ -149,6 +161,7 @@ class RedisBus:
                     log.info("redis %s is back; cross-node delivery resumed", self.url)
                     self._failures = 0
                 self.state = "ok"
+                self._subscribed.set()
             elif message["type"] == "message":
                 self._deliver(message["data"])
 

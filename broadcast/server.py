@@ -91,7 +91,6 @@ class Server:
         log.info("listening on %s://%s:%d%s", scheme, *self.address, handshake.WS_PATH)
 
     def start(self) -> None:
-        self.bus.start()
         threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
         threading.Thread(target=self._tick_loop, name="ticker", daemon=True).start()
 
@@ -270,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("cannot reach redis %s", exc)
                 return 1
             log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
+    server.bus.start()
     try:
         server.listen()
     except OSError as exc:

@@ -143,15 +143,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 # /healthz
 
 
-def health(node, timeout: float = 5.0) -> tuple[int, str, str]:
-    """GET /healthz: (status, Content-Type, body text)."""
+def health(node, timeout: float = 5.0) -> tuple[int, list[str], str]:
+    """GET /healthz: (status, every Content-Type header, body text)."""
     url = f"http://{node.host}:{node.port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.headers.get("Content-Type"), response.read().decode()
+            return response.status, response.headers.get_all("Content-Type"), response.read().decode()
     except urllib.error.HTTPError as error:
         with error:
-            return error.code, error.headers.get("Content-Type"), error.read().decode()
+            return error.code, error.headers.get_all("Content-Type"), error.read().decode()
 
 
 def wait_health(node, state: str, timeout: float = 5.0) -> dict:
