@@ -32,6 +32,9 @@ _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
 # rejection) before dropping the TCP connection; a well-behaved client needs
 # one round trip.
 CLOSE_TIMEOUT_S = 5.0
+# An evicted slow consumer's socket is full, so its close frame rarely gets
+# through; it gets this long to take it before the connection is dropped.
+EVICT_GRACE_S = 1.0
 # Requests bigger than this are refused before they are parsed further: the
 # HTTP parser bounds each line (8 KiB) and the header count, not the total.
 MAX_HANDSHAKE_BYTES = 64 * 1024
@@ -223,6 +226,10 @@ class Connection:
     def evict_slow_consumer(self) -> None:
         """The outbox overflowed and dropped its backlog; say why and go."""
         self.fail(CloseCode.POLICY_VIOLATION, "slow consumer")
+        with self.lock:
+            grace = time.monotonic() + EVICT_GRACE_S
+            if self._close_by is not None and grace < self._close_by:
+                self._close_by = grace
 
     def abort(self, why: str) -> None:
         self.why = why
