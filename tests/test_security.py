@@ -127,6 +127,7 @@ def test_wss_serves_both_independent_clients(start_server, certs):
         assert a.recv(RECV_S) == "* Ulf left"
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_wss_refuses_tls_below_1_2(start_server, certs):
     server = start_server("--certfile", certs["chain"])
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
