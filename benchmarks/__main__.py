@@ -2,6 +2,7 @@
 
 Runs alternate ours, reference, ours, reference... so that slow drift of
 the machine (heat, background work) lands on both sides alike.
+``python -m benchmarks profile`` runs one scenario against ours under py-spy.
 """
 
 from __future__ import annotations
@@ -10,33 +11,59 @@ import argparse
 import dataclasses
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import websockets
 
-from . import report
+from . import profile, report
 from .loadgen import LoadPool
-from .scenarios import SCENARIOS, Plan
-from .servers import NAMES, ROOT
+from .scenarios import SCENARIOS, Context, Plan
+from .servers import NAMES, ROOT, machine_idle_seconds
 
 RESULTS = ROOT / "benchmarks" / "results"  # git-ignored
 KINDS = ("ours", "ref")
+# Before starting, the machine is watched this long for other work ...
+QUIET_CHECK_S = 1.0
+# ... and more than this (% of one core) busy earns a warning: numbers will be noisy.
+QUIET_MAX_PCT = 20.0
+
+
+def _server_version() -> dict:
+    """Which server code was measured: others may be editing broadcast/ while this runs."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    # --no-optional-locks: a status must never hold the index lock against someone's commit.
+    status = git("--no-optional-locks", "status", "--porcelain", "--", "broadcast", "scripts")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
+
+
+def _background_cpu_pct() -> float:
+    """How busy the machine is before we load it: others' work distorts every number."""
+    cores = os.cpu_count() or 1
+    idle, wall = machine_idle_seconds(), time.monotonic()
+    time.sleep(QUIET_CHECK_S)
+    idle, wall = machine_idle_seconds() - idle, time.monotonic() - wall
+    return (cores * wall - idle) / wall * 100
 
 
 def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> str:
     parts = [f"[{elapsed:5.0f}s] {scenario:<16} {NAMES[kind]:<10} #{rep + 1}"]
     if scenario == "capacity":
         parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s, "
-                     f"{m['rss_per_conn_kib']:.1f} KiB/conn, reach {report._fmt(m['broadcast_reach_ms'], '{:.0f}')} ms")
+                     f"{m['rss_per_conn_kib']:.1f} KiB/conn, reach {report.fmt(m['broadcast_reach_ms'], '{:.0f}')} ms")
     else:
         parts.append(f"{m['deliveries_per_s']:,.0f} deliveries/s")
         if m["p99_ms"] is not None:
             parts.append(f"p99 {m['p99_ms']:.2f} ms")
-        parts.append(f"lost {m['lost']} ooo {m['out_of_order']}")
+        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']}")
     if scenario == "slow-consumer":
-        parts.append(f"slow one dropped after {report._fmt(m['slow_disconnect_s'], '{:.1f}', True)} s")
+        parts.append(f"slow one dropped at {report.fmt(m['slow_disconnect_s'], '{:.1f} s', True)}")
     parts.append(f"cpu server {m['server_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
     return ", ".join(parts)
 
@@ -48,16 +75,22 @@ def run(args: argparse.Namespace) -> int:
     results = {name: {kind: [] for kind in KINDS} for name in selected}
     errors = []
     RESULTS.mkdir(parents=True, exist_ok=True)
+    version = _server_version()
+    background = _background_cpu_pct()
+    if background > QUIET_MAX_PCT:
+        print(f"warning: before the benchmark, other work used {background:.0f}% of a core; "
+              "expect noisy numbers (see the 'other' CPU column)", file=sys.stderr)
     started = time.monotonic()
     pool = LoadPool(args.procs)
     with open(RESULTS / "servers.log", "w") as log:
+        ctx = Context(plan, log)
         try:
             for name in selected:
                 reps = min(repeats, plan.capacity_repeats) if name == "capacity" else repeats
                 for rep in range(reps):
                     for kind in KINDS:
                         try:
-                            metrics = SCENARIOS[name](kind, pool, plan, log)
+                            metrics = SCENARIOS[name](kind, pool, ctx)
                         except Exception as exc:  # one broken run must not lose the others
                             errors.append(f"{name} {kind} #{rep + 1}: {exc}")
                             print(f"error: {errors[-1]}", file=sys.stderr, flush=True)
@@ -71,31 +104,59 @@ def run(args: argparse.Namespace) -> int:
         finally:
             pool.close()
     elapsed = time.monotonic() - started
-
-    summary = report.summarize(results)
-    target_rows = report.targets(summary, plan)
-    print(report.table(summary, target_rows))
-    print(f"\n{len(selected)} scenario(s), {repeats} repeat(s), {elapsed:.0f} s; "
-          f"{args.procs} load processes; results in {args.out}")
-    report.write_json(Path(args.out), {
+    document = {
         "meta": {
             "python": platform.python_version(), "websockets": websockets.__version__,
             "cpus": os.cpu_count(), "load_processes": args.procs, "quick": args.quick,
             "repeats": repeats, "elapsed_s": elapsed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "plan": dataclasses.asdict(plan), "servers": NAMES,
+            "plan": dataclasses.asdict(plan), "servers": NAMES, "background_cpu_pct": background,
+            "server_code": version,
         },
-        "summary": summary,
-        "targets": target_rows,
         "runs": results,
         "errors": errors,
-    })
+    }
+    report.write_json(Path(args.out), document)  # the runs are safe before anything else can fail
+    document["summary"] = summary = report.summarize(results)
+    document["targets"] = target_rows = report.targets(summary, plan)
+    report.write_json(Path(args.out), document)
+    print(report.table(summary, target_rows))
+    print(f"\n{len(selected)} scenario(s), {repeats} repeat(s), {elapsed:.0f} s; "
+          f"{args.procs} load processes; results in {args.out}")
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if errors else 0
 
 
+def show(args: argparse.Namespace) -> int:
+    """Print the table again from a results file."""
+    document = report.read_json(Path(args.file))
+    summary = report.summarize(document["runs"])
+    print(report.table(summary, report.targets(summary, Plan(**document["meta"]["plan"]))))
+    return 0
+
+
+def profile_run(args: argparse.Namespace) -> int:
+    plan = Plan.make(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / f"profile-{args.scenario}.txt"
+    profiler = profile.Profiler(raw, args.gil)
+    pool = LoadPool(args.procs)
+    try:
+        with open(RESULTS / "servers.log", "w") as log:
+            metrics = SCENARIOS[args.scenario]("ours", pool, Context(plan, log, on_window=profiler))
+    finally:
+        pool.close()
+        profiler.wait()
+    print(_progress(0, args.scenario, "ours", 0, metrics), file=sys.stderr)
+    print(profile.summarize(raw))
+    print(f"\nraw py-spy stacks (collapsed format, for flamegraph.pl or speedscope): {raw}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark the broadcast server against a websockets asyncio reference.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("run", help="run the scenarios against both servers")
     p.add_argument("--quick", action="store_true", help="short runs, 1 repeat, 2,000-connection capacity (~1-2 min)")
@@ -105,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=max(2, os.cpu_count() or 2),
                    help="load-generator processes (default: one per core, at least 2)")
     p.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON results file (default %(default)s)")
+    p = commands.add_parser("profile", help="run one scenario against our server under py-spy")
+    p.add_argument("scenario", nargs="?", default="fanout-1000", choices=list(SCENARIOS))
+    p.add_argument("--quick", action="store_true", help="the short --quick durations")
+    p.add_argument("--gil", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample only the thread holding the GIL (default on)")
+    p.add_argument("--procs", type=int, default=max(2, os.cpu_count() or 2), help="load-generator processes")
+    p = commands.add_parser("report", help="print the table of a results file again")
+    p.add_argument("file", nargs="?", default=str(RESULTS / "latest.json"))
     args = parser.parse_args(argv)
-    return run(args)
+    return {"run": run, "profile": profile_run, "report": show}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ from pathlib import Path
 
 from .servers import NAMES
 
+# Per receiver and publisher: sequence numbers skipped (a later one came),
+# still missing when the run ended (drain time over), and not increasing.
+CHECKS = [("lost", "lost", "{:,.0f}"), ("undelivered", "undelivered at end", "{:,.0f}"),
+          ("out_of_order", "out of order", "{:,.0f}")]
 # What the table shows per scenario: (metric, label, format).
 SHOWN = {
-    "fanout": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), ("lost", "lost", "{:,.0f}"),
-               ("out_of_order", "out of order", "{:,.0f}")],
+    "fanout": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), *CHECKS],
     "latency": [("p50_ms", "p50 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"),
-                ("deliveries_per_s", "deliveries/s", "{:,.0f}"), ("lost", "lost", "{:,.0f}"),
-                ("out_of_order", "out of order", "{:,.0f}")],
+                ("deliveries_per_s", "deliveries/s", "{:,.0f}"), *CHECKS],
     "many-publishers": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), ("p50_ms", "p50 ms", "{:.2f}"),
-                        ("p99_ms", "p99 ms", "{:.2f}"), ("lost", "lost", "{:,.0f}"),
-                        ("out_of_order", "out of order", "{:,.0f}")],
+                        ("p99_ms", "p99 ms", "{:.2f}"), *CHECKS],
     "capacity": [("connected", "connected", "{:,.0f}"), ("connect_per_s", "connects/s", "{:,.0f}"),
                  ("rss_per_conn_kib", "RSS KiB/conn", "{:.1f}"), ("server_threads", "server threads", "{:,.0f}"),
                  ("broadcast_reach_ms", "broadcast reach ms", "{:.1f}"), ("reached", "reached", "{:,.0f}")],
@@ -33,14 +34,16 @@ SHOWN = {
                       ("baseline_p99_ms", "p99 ms alone", "{:.2f}"), ("p99_ms", "p99 ms w/ slow", "{:.2f}"),
                       ("p99_vs_baseline", "p99 w/ / alone", "{:.2f}"),
                       ("slow_disconnect_s", "slow one dropped after s", "{:.1f}"),
-                      ("lost", "lost (others)", "{:,.0f}")],
+                      ("lost", "lost (others)", "{:,.0f}"),
+                      ("undelivered", "undelivered (others)", "{:,.0f}")],
 }
 # Metrics where a ratio ours/reference says something.
 RATIOS = {"deliveries_per_s", "p50_ms", "p99_ms", "connect_per_s", "rss_per_conn_kib",
           "broadcast_reach_ms", "baseline_deliveries_per_s"}
 # Metrics where a missing value means "did not happen", which sorts last.
 NEVER = {"slow_disconnect_s"}
-CPU = [("server_cpu_pct", "server"), ("loadgen_cpu_pct", "loadgen"), ("loadgen_max_proc_cpu_pct", "max proc")]
+CPU = [("server_cpu_pct", "server"), ("loadgen_cpu_pct", "loadgen"), ("loadgen_max_proc_cpu_pct", "max proc"),
+       ("other_cpu_pct", "other")]
 
 
 def _family(scenario: str) -> str:
@@ -106,10 +109,11 @@ def targets(summary: dict, plan) -> list[dict]:
     return rows
 
 
-def _fmt(value, fmt: str, never: bool = False) -> str:
+def fmt(value, spec: str, never: bool = False) -> str:
+    """``value`` formatted with ``spec``; a missing value is "-", or "never" for events."""
     if value is None:
         return "never" if never else "-"
-    return fmt.format(value)
+    return spec.format(value)
 
 
 def table(summary: dict, target_rows: list[dict]) -> str:
@@ -117,21 +121,27 @@ def table(summary: dict, target_rows: list[dict]) -> str:
     lines = ["Medians", head, "-" * len(head)]
     for scenario, s in summary.items():
         med, ratio = s["median"], s["ratio"]
-        for i, (key, label, fmt) in enumerate(SHOWN.get(_family(scenario), [])):
-            cells = [_fmt(med.get(kind, {}).get(key), fmt, key in NEVER) for kind in ("ours", "ref")]
+        for i, (key, label, spec) in enumerate(SHOWN.get(_family(scenario), [])):
+            cells = [fmt(med.get(kind, {}).get(key), spec, key in NEVER) for kind in ("ours", "ref")]
             r = f"{ratio[key]:.2f}x" if key in ratio else ""
             lines.append(f"{scenario if i == 0 else '':<16} {label:<26} {cells[0]:>12} {cells[1]:>12} {r:>8}")
-    head = f"{'scenario':<16} " + " ".join(f"{NAMES[k] + ' ' + label:>20}" for k in ("ours", "ref") for _, label in CPU)
-    lines += ["", "CPU during the measured window, % of one core (loadgen = all load processes; max proc = busiest one)",
-              head, "-" * len(head)]
-    for scenario, s in summary.items():
-        cells = [_fmt(s["median"].get(kind, {}).get(key), "{:.0f}") for kind in ("ours", "ref") for key, _ in CPU]
-        lines.append(f"{scenario:<16} " + " ".join(f"{c:>20}" for c in cells))
+    lines += ["", "CPU during the measured window, % of one core: loadgen = all load processes, max proc = the",
+              "busiest of them, other = the rest of the machine (unattributed kernel time, other work)"]
+    for kind in ("ours", "ref"):
+        head = f"{NAMES[kind]:<16} " + " ".join(f"{label:>9}" for _, label in CPU)
+        lines += [head, "-" * len(head)]
+        for scenario, s in summary.items():
+            cells = [fmt(s["median"].get(kind, {}).get(key), "{:.0f}") for key, _ in CPU]
+            lines.append(f"{scenario:<16} " + " ".join(f"{c:>9}" for c in cells))
     lines += ["", "Targets"]
     for row in target_rows:
         verdict = {True: "MET", False: "MISSED", None: "-"}[row["met"]]
         lines.append(f"  {verdict:<7} {row['target']:<50} {row['shown']}")
     return "\n".join(lines)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def write_json(path: Path, document: dict) -> None:

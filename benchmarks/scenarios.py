@@ -9,17 +9,22 @@ stamps inside payloads share.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
 from .loadgen import Job, LoadPool, Publisher
-from .servers import HOST, ServerProcess
+from .servers import HOST, ServerProcess, machine_idle_seconds
 
-# Fan-out publisher window, in messages: it sends seq n only once every
-# receiver (all processes, read through shared memory) has seq n - W. Deep
-# enough that the server never idles between our ~1 ms feedback turns, shallow
-# enough that a client's queue stays ~17 KB, far below our 4 MiB eviction.
-FANOUT_WINDOW_MSGS = 256
+# Fan-out publisher window W, in messages: it sends seq n only once every
+# receiver (all processes, read through shared memory) has seq n - W. At
+# least this many, so each client's queue can batch (~17 KB, far below our
+# 4 MiB eviction) ...
+FANOUT_WINDOW_MIN_MSGS = 256
+# ... and at least this many deliveries in flight, so that with few
+# subscribers the server never idles while a load process waits its turn for
+# a core (several ms on a busy 2-core machine) before acknowledging.
+FANOUT_INFLIGHT_DELIVERIES = 25_600
 FANOUT_SIZE_BYTES = 64
 LATENCY_SUBSCRIBERS = 100
 LATENCY_RATE_HZ = 200
@@ -34,6 +39,7 @@ SLOW_RATE_HZ = 500
 SLOW_SIZE_BYTES = 4096
 # The coordinator looks at the stalled client's TCP state this often.
 WATCH_PERIOD_S = 0.05
+CORES = os.cpu_count() or 1
 # Load processes get "go" this long before t0, so all start on time.
 START_LEAD_S = 0.2
 # After a burst of connects the server needs a moment before its RSS and
@@ -44,8 +50,9 @@ SETTLE_S = 1.0
 CAPACITY_SEND_S = 0.2
 CAPACITY_REACH_TIMEOUT_S = 10.0
 CAPACITY_CONNECT_TIMEOUT_S = 120.0
-# Messages still in flight when the window closes must arrive within this.
-DRAIN_S = 2.0
+# Messages still in flight when the window closes get this long to arrive;
+# what has not arrived by then is reported as undelivered, not lost.
+DRAIN_S = 3.0
 # Extra time the coordinator allows the load processes to report.
 RESULT_MARGIN_S = 30.0
 
@@ -63,10 +70,21 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(warmup_s=0.5, measure_s=2.0, slow_measure_s=6.0,
+            return cls(warmup_s=0.5, measure_s=2.0, slow_measure_s=8.0,
                        capacity_conns=2_000, capacity_repeats=1)
         return cls(warmup_s=1.0, measure_s=6.0, slow_measure_s=9.0,
                    capacity_conns=10_000, capacity_repeats=2)
+
+
+@dataclass
+class Context:
+    """What every scenario run gets besides its load processes."""
+
+    plan: Plan
+    log: object  # open file for the servers' stderr
+    # Called as on_window(server, seconds) when a measured window opens: the
+    # profiler's way in.
+    on_window: object = None
 
 
 @contextlib.contextmanager
@@ -99,13 +117,20 @@ def _percentile(sorted_values, q: float):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _drive(pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=None, watch=None) -> dict:
+def _drive(ctx: Context, pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=None,
+           watch=None, partial_ok: bool = False) -> dict:
     """Connect, run, and summarize one load.
 
     ``connected(ready)`` runs once every client is up, before any message;
-    ``watch(t0)`` is polled while the load runs.
+    ``watch(t0)`` is polled while the load runs. A client that cannot
+    connect makes the run worthless unless ``partial_ok`` (capacity counts them).
     """
     ready = pool.connect(jobs)
+    failed = sum(r["failed"] for r in ready)
+    if failed and (not partial_ok or not sum(r["connected"] for r in ready)):
+        pool.go(0)  # t0 in the past: the load processes drain nothing and report at once
+        pool.results(RESULT_MARGIN_S)
+        raise RuntimeError(f"{failed} client(s) could not connect to the {server.kind} server")
     if connected:
         connected(ready)
     job = jobs[0]
@@ -119,14 +144,22 @@ def _drive(pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=Non
                 watch(t0)
             time.sleep(min(WATCH_PERIOD_S, until - now))
         cpu[name] = server.cpu_seconds()
+        cpu["idle_" + name] = machine_idle_seconds()
+        cpu["wall_" + name] = time.monotonic()
+        if name == "start" and ctx.on_window:
+            ctx.on_window(server, job.measure_s)
     results = pool.results(job.drain_s + RESULT_MARGIN_S)
 
     latencies = sorted(x for r in results for x in r["latencies_ns"])
-    ms = lambda ns: None if ns is None else ns / 1e6  # noqa: E731
+
+    def ms(ns):
+        return None if ns is None else ns / 1e6
+
     procs_cpu = [r["cpu_s"] / job.measure_s * 100 for r in results]
     out = {
         "deliveries_per_s": sum(r["deliveries"] for r in results) / job.measure_s,
         "lost": sum(r["lost"] for r in results),
+        "undelivered": sum(r["undelivered"] for r in results),
         "out_of_order": sum(r["out_of_order"] for r in results),
         "closed_by_server": sum(r["closed_by_server"] for r in results),
         "reached": sum(r["complete"] for r in results),
@@ -139,47 +172,56 @@ def _drive(pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=Non
         "server_cpu_pct": (cpu["end"] - cpu["start"]) / job.measure_s * 100,
         "loadgen_cpu_pct": sum(procs_cpu),
         "loadgen_max_proc_cpu_pct": max(procs_cpu),
+        "machine_cpu_pct": (CORES * (cpu["wall_end"] - cpu["wall_start"]) - (cpu["idle_end"] - cpu["idle_start"]))
+                           / job.measure_s * 100,
         "connected": sum(r["connected"] for r in ready),
         "connect_failed": sum(r["failed"] for r in ready),
     }
     span_ns = max(r["t_last_ns"] for r in ready) - min(r["t_first_ns"] for r in ready)
+    out["other_cpu_pct"] = out["machine_cpu_pct"] - out["server_cpu_pct"] - out["loadgen_cpu_pct"]
     out["connect_per_s"] = out["connected"] / (span_ns / 1e9) if span_ns > 0 else None
     out["slow_ports"] = [p for r in ready for p in r["slow_ports"]]
     return out
 
 
 def fanout(subscribers: int):
-    def run(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
-        with started(kind, log) as server:
-            jobs = _jobs(pool, server, subscribers, [Publisher(0)], stream=True,
-                         window=FANOUT_WINDOW_MSGS, size=FANOUT_SIZE_BYTES,
+    window = max(FANOUT_WINDOW_MIN_MSGS, FANOUT_INFLIGHT_DELIVERIES // subscribers)
+
+    def run(kind: str, pool: LoadPool, ctx: Context) -> dict:
+        plan = ctx.plan
+        with started(kind, ctx.log) as server:
+            jobs = _jobs(pool, server, subscribers, [Publisher(0)], stream=True, window=window,
+                         size=FANOUT_SIZE_BYTES,
                          warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
-            return _drive(pool, server, jobs)
+            return _drive(ctx, pool, server, jobs)
     return run
 
 
-def latency(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
-    with started(kind, log) as server:
+def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    plan = ctx.plan
+    with started(kind, ctx.log) as server:
         jobs = _jobs(pool, server, LATENCY_SUBSCRIBERS, [Publisher(0, rate=LATENCY_RATE_HZ)],
                      size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.measure_s,
                      drain_s=DRAIN_S)
-        return _drive(pool, server, jobs)
+        return _drive(ctx, pool, server, jobs)
 
 
-def many_publishers(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    plan = ctx.plan
     spread_s = 1 / (MANY_PUBLISHERS * MANY_RATE_HZ)  # evenly interleaved, not in lockstep
     pubs = [Publisher(i, rate=MANY_RATE_HZ, phase_s=i * spread_s, counted=True)
             for i in range(MANY_PUBLISHERS)]
-    with started(kind, log) as server:
+    with started(kind, ctx.log) as server:
         jobs = _jobs(pool, server, 0, pubs, size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s,
                      measure_s=plan.measure_s, drain_s=DRAIN_S)
-        return _drive(pool, server, jobs)
+        return _drive(ctx, pool, server, jobs)
 
 
-def capacity(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+def capacity(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """N connections (one of them publishes once, and receives its echo like the rest)."""
+    plan = ctx.plan
     n = plan.capacity_conns
-    with started(kind, log) as server:
+    with started(kind, ctx.log) as server:
         time.sleep(SETTLE_S)
         rss_before = server.rss_bytes()
         jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
@@ -192,7 +234,7 @@ def capacity(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
             seen["rss"] = server.rss_bytes()
             seen["threads"] = server.threads()
 
-        out = _drive(pool, server, jobs, connected=settled)
+        out = _drive(ctx, pool, server, jobs, connected=settled, partial_ok=True)
     connected = max(out["connected"], 1)
     out.update({
         "rss_before_mib": rss_before / 2**20,
@@ -204,25 +246,28 @@ def capacity(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
     return out
 
 
-def slow_consumer(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
+def _slow_run(kind: str, pool: LoadPool, ctx: Context, slow: int) -> dict:
+    plan = ctx.plan
+    with started(kind, ctx.log) as server:
+        jobs = _jobs(pool, server, SLOW_SUBSCRIBERS, [Publisher(0, rate=SLOW_RATE_HZ)], slow=slow,
+                     size=SLOW_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.slow_measure_s,
+                     drain_s=DRAIN_S)
+        ports: list[int] = []
+        gone = {}
+
+        def watch(t0: float) -> None:
+            if ports and "at" not in gone and not server.still_connected(ports[0]):
+                gone["at"] = time.monotonic() - t0
+
+        out = _drive(ctx, pool, server, jobs, watch=watch,
+                     connected=lambda ready: ports.extend(p for r in ready for p in r["slow_ports"]))
+    out["disconnect_s"] = gone.get("at")  # from t0; None: still connected when the window closed
+    return out
+
+
+def slow_consumer(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """The same load without, then with, one client that never reads."""
-    runs = {}
-    for slow in (0, 1):
-        with started(kind, log) as server:
-            jobs = _jobs(pool, server, SLOW_SUBSCRIBERS, [Publisher(0, rate=SLOW_RATE_HZ)], slow=slow,
-                         size=SLOW_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.slow_measure_s,
-                         drain_s=DRAIN_S)
-            ports: list[int] = []
-            gone = {}
-
-            def watch(t0: float) -> None:
-                if ports and "at" not in gone and not server.still_connected(ports[0]):
-                    gone["at"] = time.monotonic() - t0
-
-            runs[slow] = _drive(pool, server, jobs, watch=watch,
-                                connected=lambda ready: ports.extend(p for r in ready for p in r["slow_ports"]))
-            runs[slow]["disconnect_s"] = gone.get("at")
-    base, with_slow = runs[0], runs[1]
+    base, with_slow = (_slow_run(kind, pool, ctx, slow) for slow in (0, 1))
     out = dict(with_slow)
     out.update({
         "baseline_deliveries_per_s": base["deliveries_per_s"],
@@ -233,7 +278,7 @@ def slow_consumer(kind: str, pool: LoadPool, plan: Plan, log) -> dict:
         "baseline_server_cpu_pct": base["server_cpu_pct"],
         "baseline_loadgen_cpu_pct": base["loadgen_cpu_pct"],
         "slow_disconnect_s": with_slow["disconnect_s"],
-        "scenario_s": plan.warmup_s + plan.slow_measure_s,
+        "scenario_s": ctx.plan.warmup_s + ctx.plan.slow_measure_s,
     })
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +26,14 @@ START_TIMEOUT_S = 15.0
 # (5 s) for clients, which a benchmark has no use for.
 STOP_TIMEOUT_S = 3.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_TCP_ESTABLISHED = "01"
+_TCP_ESTABLISHED = 1
+# sock_diag(7): ask the kernel about one TCP socket by its addresses.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_ALL_STATES = 0xFFFFFFFF
 
 NAMES = {"ours": "broadcast", "ref": "reference"}
 
@@ -35,6 +43,40 @@ def _command(kind: str, port: int) -> list[str]:
         return [sys.executable, str(ROOT / "scripts" / "server.py"), "--host", HOST,
                 "--port", str(port), "--log-level", "WARNING", "--ping-interval", "0"]
     return [sys.executable, "-m", "benchmarks.reference_server", "--host", HOST, "--port", str(port)]
+
+
+def machine_idle_seconds() -> float:
+    """CPU time all cores spent idle since boot (idle + iowait in /proc/stat).
+
+    Busy time is then cores x wall time minus this: the kernel measures idle
+    time exactly, while its busy counters are tick samples that miss much of
+    a workload that sleeps and wakes thousands of times a second. Beside the
+    server's and the load generator's own CPU, the busy time shows what else
+    ran: other work on a shared machine, and kernel time no process is
+    charged for.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / _CLK_TCK
+
+
+def tcp_state(local_port: int, remote_port: int) -> int | None:
+    """The TCP state (1 = ESTABLISHED) of the loopback socket with these ports, None if there is none.
+
+    One netlink round trip (~25 us) for one socket, where reading
+    /proc/net/tcp costs milliseconds per thousand sockets on the machine.
+    """
+    ip = socket.inet_aton(HOST)
+    sockid = (struct.pack("!HH", local_port, remote_port) + ip + bytes(12) + ip + bytes(12)
+              + struct.pack("=III", 0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE))
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, _ALL_STATES) + sockid
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        nl.send(header + request)
+        reply = nl.recv(65536)
+    if struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
+        return None
+    return reply[17]  # inet_diag_msg.idiag_state, after the 16-byte netlink header and family
 
 
 def free_port() -> int:
@@ -95,17 +137,10 @@ class ServerProcess:
     def still_connected(self, client_port: int) -> bool:
         """Whether the server's end of the connection from ``client_port`` is still ESTABLISHED.
 
-        Read from the kernel, so it works for a client that never reads and
-        cannot see a close frame or FIN queued behind data it never takes.
+        Asked of the kernel, so it works for a client that never reads and so
+        never sees the close frame or FIN queued behind data it does not take.
         """
-        local = f"0100007F:{self.port:04X}"
-        remote = f"0100007F:{client_port:04X}"
-        with open("/proc/net/tcp") as f:
-            for line in f:
-                parts = line.split()
-                if parts[1] == local and parts[2] == remote:
-                    return parts[3] == _TCP_ESTABLISHED
-        return False
+        return tcp_state(self.port, client_port) == _TCP_ESTABLISHED
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -74,7 +74,7 @@ class Connection:
             early = self._open()
             if early is not None:
                 self._handle(early)
-                self._read_loop(self.transport.recv)
+                self._read_loop()
         except Exception:
             log.exception("error on connection from %s", self.peer)
         finally:
@@ -133,17 +133,17 @@ class Connection:
                 return early
         # Refused: keep reading until the client hangs up, so that it gets
         # the response rather than a reset; the open timeout bounds this.
-        self._read_loop(self.transport.recv)
+        self._read_loop()
         return None
 
     def _refuse_locked(self, refusal: Refused) -> None:
         self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
         self._push_locked()
 
-    def _read_loop(self, recv) -> None:
+    def _read_loop(self) -> None:
         protocol = self.protocol
         while True:
-            data = recv()
+            data = self.transport.recv()
             with self.lock:
                 if data:
                     protocol.receive_data(data)

@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 import uuid
-
 from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode, Opcode
@@ -49,8 +48,7 @@ TICK_MAX_S = 0.5
 # After accept() fails for lack of file descriptors, wait this long before
 # trying again rather than spinning on the error.
 ACCEPT_BACKOFF_S = 0.1
-
-
+# Load balancers' health check, on the WebSocket port.
 HEALTH_PATH = "/healthz"
 
 
