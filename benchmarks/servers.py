@@ -2,7 +2,8 @@
 
 Each measurement gets a fresh server process, so memory and thread counts
 start from zero and no run inherits another's backlog. Everything observed
-about a server comes from /proc, which costs it nothing.
+about a server comes from /proc and the kernel's socket diagnostics, which
+cost it nothing.
 """
 
 from __future__ import annotations
