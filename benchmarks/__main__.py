@@ -20,11 +20,10 @@ import websockets
 
 from . import profile, report
 from .loadgen import LoadPool
-from .scenarios import SCENARIOS, Context, Plan
+from .scenarios import KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
 from .servers import NAMES, ROOT, machine_idle_seconds
 
 RESULTS = ROOT / "benchmarks" / "results"  # git-ignored
-KINDS = ("ours", "ref")
 # Before starting, the machine is watched this long for other work ...
 QUIET_CHECK_S = 1.0
 # ... and more than this (% of one core) busy earns a warning: numbers will be noisy.
@@ -54,6 +53,16 @@ def _background_cpu_pct() -> float:
 
 def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> str:
     parts = [f"[{elapsed:5.0f}s] {scenario:<16} {NAMES[kind]:<10} #{rep + 1}"]
+    if scenario == "redis-latency":
+        parts.append(", ".join(
+            f"{label} p50 {report.fmt(m[key + '_p50_ms'], '{:.2f}')} p99 {report.fmt(m[key + '_p99_ms'], '{:.2f}')} ms"
+            for label, key in (("1 node no Redis", "single"), ("same node via Redis", "same_node"),
+                               ("cross node", "cross_node"))))
+        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
+                     f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
+        parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
+                     f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
+        return ", ".join(parts)
     if scenario == "capacity":
         parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s, "
                      f"{m['rss_per_conn_kib']:.1f} KiB/conn, reach {report.fmt(m['broadcast_reach_ms'], '{:.0f}')} ms")
@@ -72,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.make(args.quick)
     repeats = args.repeats or (1 if args.quick else 3)
     selected = args.scenario or list(SCENARIOS)
-    results = {name: {kind: [] for kind in KINDS} for name in selected}
+    results = {name: {kind: [] for kind in SCENARIO_KINDS.get(name, KINDS)} for name in selected}
     errors = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     version = _server_version()
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             for name in selected:
                 reps = min(repeats, plan.capacity_repeats) if name == "capacity" else repeats
                 for rep in range(reps):
-                    for kind in KINDS:
+                    for kind in SCENARIO_KINDS.get(name, KINDS):
                         try:
                             metrics = SCENARIOS[name](kind, pool, ctx)
                         except Exception as exc:  # one broken run must not lose the others
@@ -131,7 +140,7 @@ def show(args: argparse.Namespace) -> int:
     """Print the table again from a results file."""
     document = report.read_json(Path(args.file))
     summary = report.summarize(document["runs"])
-    print(report.table(summary, report.targets(summary, Plan(**document["meta"]["plan"]))))
+    print(report.table(summary, report.targets(summary, Plan.load(document["meta"]["plan"]))))
     return 0
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from .loadgen import Job, LoadPool, Publisher
 from .servers import HOST, ServerProcess, machine_idle_seconds
@@ -30,6 +32,11 @@ FANOUT_INFLIGHT_DELIVERIES = 102_400
 FANOUT_SIZE_BYTES = 64
 LATENCY_SUBSCRIBERS = 100
 LATENCY_RATE_HZ = 200
+# redis-latency: the latency load on 2 nodes of ours sharing one redis-server,
+# the subscribers split evenly; the publisher is on the first node ("same
+# node": its messages come back to it through Redis) and the second node
+# only gets them through Redis ("cross node").
+REDIS_NODES = ("same_node", "cross_node")
 MANY_PUBLISHERS = 50
 MANY_RATE_HZ = 20  # per publisher: 1,000 msg/s in, 50,000 deliveries/s out
 SMALL_SIZE_BYTES = 64
@@ -64,18 +71,25 @@ class Plan:
     """Durations and sizes: full, or --quick for a smoke test."""
 
     warmup_s: float
-    measure_s: float
+    measure_s: float  # latency, redis-latency, many-publishers
     slow_measure_s: float
     capacity_conns: int
     capacity_repeats: int
+    fanout_measure_s: float = 10.0  # the issue's "N = 10, 100 and 1,000 subscribers, 10 s"
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(warmup_s=0.5, measure_s=2.0, slow_measure_s=8.0,
-                       capacity_conns=2_000, capacity_repeats=1)
+                       capacity_conns=2_000, capacity_repeats=1, fanout_measure_s=2.0)
         return cls(warmup_s=1.0, measure_s=6.0, slow_measure_s=9.0,
-                   capacity_conns=10_000, capacity_repeats=2)
+                   capacity_conns=10_000, capacity_repeats=2, fanout_measure_s=10.0)
+
+    @classmethod
+    def load(cls, saved: dict) -> Plan:
+        """A Plan from a results file; fields it predates get their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 @dataclass
@@ -87,6 +101,8 @@ class Context:
     # Called as on_window(server, seconds) when a measured window opens: the
     # profiler's way in.
     on_window: object = None
+    # Runs so far per scenario, for those that alternate their variants' order.
+    turns: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -119,14 +135,42 @@ def _percentile(sorted_values, q: float):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def _receipts(results: list[dict], measure_s: float) -> dict:
+    """Deliveries, sequence checks and latency percentiles over some load processes' results."""
+    latencies = sorted(x for r in results for x in r["latencies_ns"])
+
+    def ms(ns):
+        return None if ns is None else ns / 1e6
+
+    return {
+        "deliveries_per_s": sum(r["deliveries"] for r in results) / measure_s,
+        "lost": sum(r["lost"] for r in results),
+        "undelivered": sum(r["undelivered"] for r in results),
+        "out_of_order": sum(r["out_of_order"] for r in results),
+        "closed_by_server": sum(r["closed_by_server"] for r in results),
+        "reached": sum(r["complete"] for r in results),
+        "receivers": sum(r["receivers"] for r in results),
+        "p50_ms": ms(_percentile(latencies, 0.50)),
+        "p99_ms": ms(_percentile(latencies, 0.99)),
+        "max_ms": ms(latencies[-1] if latencies else None),
+        "latency_samples": len(latencies),
+    }
+
+
 def _drive(ctx: Context, pool: LoadPool, server: ServerProcess, jobs: list[Job], connected=None,
-           watch=None, partial_ok: bool = False) -> dict:
+           watch=None, partial_ok: bool = False, cpu_parts: dict | None = None,
+           groups: dict | None = None) -> dict:
     """Connect, run, and summarize one load.
 
     ``connected(ready)`` runs once every client is up, before any message;
     ``watch(t0)`` is polled while the load runs. A client that cannot
     connect makes the run worthless unless ``partial_ok`` (capacity counts them).
+    ``cpu_parts`` ({name: process}, default {"server": server}): the
+    processes whose CPU is the server side's, each also reported as
+    ``<name>_cpu_pct``. ``groups`` ({label: job indices}): receipts of
+    those jobs' clients alone, reported as ``<label>_<metric>``.
     """
+    parts = cpu_parts or {"server": server}
     ready = pool.connect(jobs)
     failed = sum(r["failed"] for r in ready)
     if failed and (not partial_ok or not sum(r["connected"] for r in ready)):
@@ -145,40 +189,32 @@ def _drive(ctx: Context, pool: LoadPool, server: ServerProcess, jobs: list[Job],
             if watch:
                 watch(t0)
             time.sleep(min(WATCH_PERIOD_S, until - now))
-        cpu[name] = server.cpu_seconds()
+        cpu[name] = {part: proc.cpu_seconds() for part, proc in parts.items()}
         cpu["idle_" + name] = machine_idle_seconds()
         cpu["wall_" + name] = time.monotonic()
         if name == "start" and ctx.on_window:
             ctx.on_window(server, job.measure_s)
     results = pool.results(job.drain_s + RESULT_MARGIN_S)
 
-    latencies = sorted(x for r in results for x in r["latencies_ns"])
-
-    def ms(ns):
-        return None if ns is None else ns / 1e6
-
     procs_cpu = [r["cpu_s"] / job.measure_s * 100 for r in results]
-    out = {
-        "deliveries_per_s": sum(r["deliveries"] for r in results) / job.measure_s,
-        "lost": sum(r["lost"] for r in results),
-        "undelivered": sum(r["undelivered"] for r in results),
-        "out_of_order": sum(r["out_of_order"] for r in results),
-        "closed_by_server": sum(r["closed_by_server"] for r in results),
-        "reached": sum(r["complete"] for r in results),
-        "receivers": sum(r["receivers"] for r in results),
+    parts_cpu = {part: (cpu["end"][part] - cpu["start"][part]) / job.measure_s * 100 for part in parts}
+    out = _receipts(results, job.measure_s)
+    out.update({
         "published": sum(sum(r["sent"].values()) for r in results),
-        "p50_ms": ms(_percentile(latencies, 0.50)),
-        "p99_ms": ms(_percentile(latencies, 0.99)),
-        "max_ms": ms(latencies[-1] if latencies else None),
-        "latency_samples": len(latencies),
-        "server_cpu_pct": (cpu["end"] - cpu["start"]) / job.measure_s * 100,
+        "server_cpu_pct": sum(parts_cpu.values()),
         "loadgen_cpu_pct": sum(procs_cpu),
         "loadgen_max_proc_cpu_pct": max(procs_cpu),
         "machine_cpu_pct": (CORES * (cpu["wall_end"] - cpu["wall_start"]) - (cpu["idle_end"] - cpu["idle_start"]))
                            / job.measure_s * 100,
         "connected": sum(r["connected"] for r in ready),
         "connect_failed": sum(r["failed"] for r in ready),
-    }
+    })
+    if cpu_parts:
+        out.update({f"{part}_cpu_pct": pct for part, pct in parts_cpu.items()})
+    for label, indices in (groups or {}).items():
+        mine = _receipts([results[i] for i in indices], job.measure_s)
+        mine["connected"] = sum(ready[i]["connected"] for i in indices)
+        out.update({f"{label}_{k}": v for k, v in mine.items()})
     span_ns = max(r["t_last_ns"] for r in ready) - min(r["t_first_ns"] for r in ready)
     out["other_cpu_pct"] = out["machine_cpu_pct"] - out["server_cpu_pct"] - out["loadgen_cpu_pct"]
     out["connect_per_s"] = out["connected"] / (span_ns / 1e9) if span_ns > 0 else None
@@ -194,7 +230,7 @@ def fanout(subscribers: int):
         with started(kind, ctx.log) as server:
             jobs = _jobs(pool, server, subscribers, [Publisher(0)], stream=True, window=window,
                          size=FANOUT_SIZE_BYTES,
-                         warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
+                         warmup_s=plan.warmup_s, measure_s=plan.fanout_measure_s, drain_s=DRAIN_S)
             return _drive(ctx, pool, server, jobs)
     return run
 
@@ -206,6 +242,62 @@ def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
                      size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.measure_s,
                      drain_s=DRAIN_S)
         return _drive(ctx, pool, server, jobs)
+
+
+def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    """The latency load over 2 nodes sharing one Redis, and on 1 node without Redis for comparison.
+
+    Ours only: the reference has no Redis mode. Each call runs both
+    variants on fresh processes, alternating which goes first.
+    """
+    if kind != "ours":
+        raise ValueError("redis-latency runs our server only")
+    if pool.procs < len(REDIS_NODES):
+        raise RuntimeError(f"redis-latency needs at least {len(REDIS_NODES)} load processes")
+    turn = ctx.turns.get("redis-latency", 0)
+    ctx.turns["redis-latency"] = turn + 1
+    if turn % 2 == 0:
+        single, nodes = latency(kind, pool, ctx), _redis_nodes(pool, ctx)
+    else:
+        nodes, single = _redis_nodes(pool, ctx), latency(kind, pool, ctx)
+    out = dict(nodes)
+    for key in ("p50_ms", "p99_ms", "max_ms", "deliveries_per_s", "lost", "undelivered", "out_of_order",
+                "receivers", "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"):
+        out["single_" + key] = single[key]
+    for label in REDIS_NODES:
+        for key in ("p50_ms", "p99_ms"):
+            a, b = out[f"{label}_{key}"], single[key]
+            out[f"{label}_{key}_vs_single"] = a / b if a is not None and b else None
+    return out
+
+
+def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
+    """One latency run over a fresh redis-server and 2 fresh nodes; all stopped whatever happens."""
+    plan = ctx.plan
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
+        redis = ServerProcess.start("redis", ctx.log, ("--dir", scratch), cwd=scratch)
+        stack.callback(redis.stop)  # registered first: stopped last, after the nodes
+        url = f"redis://{HOST}:{redis.port}/0"
+        nodes = []
+        for _ in REDIS_NODES:
+            node = ServerProcess.start("ours", ctx.log, ("--redis-url", url))
+            stack.callback(node.stop)
+            nodes.append(node)
+        for node in nodes:
+            node.wait_subscribed()
+        # Processes split between the nodes; the publisher is the first process's, on node A.
+        procs = _split(pool.procs, len(nodes))
+        subs = _split(LATENCY_SUBSCRIBERS, len(nodes))
+        jobs, groups = [], {}
+        for label, node, nprocs, nsubs in zip(REDIS_NODES, nodes, procs, subs, strict=True):
+            groups[label] = list(range(len(jobs), len(jobs) + nprocs))
+            jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, size=SMALL_SIZE_BYTES,
+                         warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
+                     for n in _split(nsubs, nprocs)]
+        jobs[0].publishers.append(Publisher(0, rate=LATENCY_RATE_HZ))
+        cpu_parts = {"node_a": nodes[0], "node_b": nodes[1], "redis": redis}
+        return _drive(ctx, pool, nodes[0], jobs, cpu_parts=cpu_parts, groups=groups)
 
 
 def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
@@ -290,7 +382,11 @@ SCENARIOS = {
     "fanout-100": fanout(100),
     "fanout-1000": fanout(1000),
     "latency": latency,
+    "redis-latency": redis_latency,
     "many-publishers": many_publishers,
     "capacity": capacity,
     "slow-consumer": slow_consumer,
 }
+# Which servers each scenario runs against (default: both, alternating).
+KINDS = ("ours", "ref")
+SCENARIO_KINDS = {"redis-latency": ("ours",)}

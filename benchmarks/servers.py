@@ -8,13 +8,18 @@ cost it nothing.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +41,40 @@ _NLMSG_ERROR = 2
 _INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _ALL_STATES = 0xFFFFFFFF
 
+# Redis for the multi-node scenario: Debian's, or the first on PATH.
+REDIS_SERVER = "/usr/bin/redis-server"
+# A node with --redis-url answers /healthz {"redis": "ok"} once subscribed;
+# it normally is before it listens, but gives up waiting after 2 s.
+SUBSCRIBED_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 2.0  # one /healthz request
+_PR_SET_PDEATHSIG = 1
+# Loopback HTTP must not go through an http_proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 NAMES = {"ours": "broadcast", "ref": "reference"}
 
 
-def _command(kind: str, port: int) -> list[str]:
+def _command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     if kind == "ours":
         return [sys.executable, str(ROOT / "scripts" / "server.py"), "--host", HOST,
-                "--port", str(port), "--log-level", "WARNING", "--ping-interval", "0"]
-    return [sys.executable, "-m", "benchmarks.reference_server", "--host", HOST, "--port", str(port)]
+                "--port", str(port), "--log-level", "WARNING", "--ping-interval", "0", *extra]
+    if kind == "redis":
+        exe = REDIS_SERVER if os.access(REDIS_SERVER, os.X_OK) else shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found (apt-get install redis-server)")
+        # Loopback only, no persistence, logs to stdout (the servers' log).
+        return [exe, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--protected-mode", "yes", "--logfile", "", "--loglevel", "warning",
+                *extra]
+    return [sys.executable, "-m", "benchmarks.reference_server", "--host", HOST, "--port", str(port), *extra]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the harness dies, even by SIGKILL, so no server outlives it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def machine_idle_seconds() -> float:
@@ -80,6 +111,12 @@ def tcp_state(local_port: int, remote_port: int) -> int | None:
     return reply[17]  # inet_diag_msg.idiag_state, after the 16-byte netlink header and family
 
 
+def _redis_pong(sock: socket.socket) -> bool:
+    """Whether the Redis on ``sock`` answers PING (a connected socket with a timeout)."""
+    sock.sendall(b"PING\r\n")
+    return sock.recv(64).startswith(b"+PONG")
+
+
 def free_port() -> int:
     """A port nobody listens on now; our server hides its port at WARNING, so we choose it."""
     with socket.socket() as s:
@@ -94,23 +131,58 @@ class ServerProcess:
     port: int
 
     @classmethod
-    def start(cls, kind: str, log) -> ServerProcess:
-        """Start a ``kind`` server whose stderr goes to the open file ``log``; return once it accepts."""
+    def start(cls, kind: str, log, extra: tuple[str, ...] = (), cwd: Path = ROOT) -> ServerProcess:
+        """Start a ``kind`` server whose stderr goes to the open file ``log``; return once it accepts.
+
+        ``kind`` "redis" is a redis-server (stdout to ``log`` too), ready once it answers PING.
+        """
         port = free_port()
-        proc = subprocess.Popen(_command(kind, port), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(_command(kind, port, extra), cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=log if kind == "redis" else subprocess.DEVNULL, stderr=log,
+                                preexec_fn=_die_with_parent)
         server = cls(kind, proc, port)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited with {proc.returncode} at start")
-            try:
-                socket.create_connection((HOST, port), timeout=0.5).close()
-                return server
-            except OSError:
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{kind} server exited with {proc.returncode} at start")
+                try:
+                    with socket.create_connection((HOST, port), timeout=0.5) as s:
+                        if kind != "redis" or _redis_pong(s):
+                            return server
+                except OSError:
+                    pass
                 time.sleep(0.05)
-        server.stop()
-        raise RuntimeError(f"{kind} server did not listen on {port} within {START_TIMEOUT_S} s")
+            raise RuntimeError(f"{kind} server did not listen on {port} within {START_TIMEOUT_S} s")
+        except BaseException:
+            server.stop()
+            raise
+
+    def health(self) -> dict:
+        """Our server's /healthz answer (200 or 503 alike); raises OSError or ValueError."""
+        url = f"http://{HOST}:{self.port}/healthz"
+        try:
+            with _NO_PROXY.open(url, timeout=HEALTH_TIMEOUT_S) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return json.loads(error.read())
+
+    def wait_subscribed(self, timeout: float = SUBSCRIBED_TIMEOUT_S) -> None:
+        """Return once this node of ours reports its Redis subscription; raise after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        state = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode} at start")
+            try:
+                state = self.health().get("redis")
+                if state == "ok":
+                    return
+            except (OSError, ValueError) as exc:
+                state = str(exc)
+            time.sleep(0.05)
+        raise RuntimeError(f"node on {self.port} not subscribed to Redis within {timeout:.0f} s ({state})")
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,1 @@
+"""broadcast: a threaded WebSocket broadcast server and its command-line chat client."""
