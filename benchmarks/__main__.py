@@ -18,7 +18,7 @@ from pathlib import Path
 
 import websockets
 
-from . import profile, report
+from . import profile, report, servers
 from .loadgen import LoadPool
 from .scenarios import KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
 from .servers import NAMES, ROOT, machine_idle_seconds
@@ -40,6 +40,15 @@ def _server_version() -> dict:
     # --no-optional-locks: a status must never hold the index lock against someone's commit.
     status = git("--no-optional-locks", "status", "--porcelain", "--", "broadcast", "scripts")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
+
+
+def _redis_version() -> str | None:
+    """The redis-server measured by redis-latency, when it runs."""
+    try:
+        return subprocess.run([servers.REDIS_SERVER, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _background_cpu_pct() -> float:
@@ -120,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             "repeats": repeats, "elapsed_s": elapsed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "plan": dataclasses.asdict(plan), "servers": NAMES, "background_cpu_pct": background,
             "server_code": version,
+            "redis_server": _redis_version() if "redis-latency" in selected else None,
         },
         "runs": results,
         "errors": errors,

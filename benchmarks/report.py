@@ -37,6 +37,23 @@ SHOWN = {
                       ("lost", "lost (others)", "{:,.0f}"),
                       ("undelivered", "undelivered (others)", "{:,.0f}")],
 }
+# Scenarios of our server alone (the reference has no Redis mode): one
+# column per variant, ratios to our own single node without Redis measured
+# in the same runs, never to the reference. Variants: (metric prefix, heading).
+OURS_ONLY = {
+    "redis-latency": {
+        "title": "redis-latency: our server only (the reference has no Redis mode); 100 subscribers, 50 per node,\n"
+                 "on 2 nodes sharing one redis-server, 1 publisher on node A at 200 msg/s, 64 B; 1 node = the same\n"
+                 "load on one node without Redis, run alongside. Ratios are to that 1-node run, not to the reference.",
+        "variants": [("single_", "1 node"), ("same_node_", "node A"), ("cross_node_", "node B")],
+        "subheads": ["no Redis", "via Redis", "cross-node"],
+        "rows": [("p50_ms", "p50 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"), ("max_ms", "max ms", "{:.2f}"),
+                 ("deliveries_per_s", "deliveries/s", "{:,.0f}"), *CHECKS],
+        "ratios": ["p50_ms", "p99_ms"],  # shown as "<label> vs 1 node" under each
+        "cpu": [("single_server_cpu_pct", "1 node"), ("node_a_cpu_pct", "node A"), ("node_b_cpu_pct", "node B"),
+                ("redis_cpu_pct", "redis-server")],
+    },
+}
 # Metrics where a ratio ours/reference says something.
 RATIOS = {"deliveries_per_s", "p50_ms", "p99_ms", "connect_per_s", "rss_per_conn_kib",
           "broadcast_reach_ms", "baseline_deliveries_per_s"}
@@ -73,7 +90,17 @@ def summarize(results: dict) -> dict:
                 a, b = med["ours"].get(k), med["ref"].get(k)
                 if a is not None and b:
                     ratio[k] = a / b
-        summary[scenario] = {"median": med, "ratio": ratio}
+        entry = {"median": med, "ratio": ratio}
+        spec = OURS_ONLY.get(scenario)
+        if spec and "ours" in med:  # ratios of medians to our own single node, same run
+            entry["ratio_to"] = "ours single node without Redis"
+            base = spec["variants"][0][0]
+            for prefix, _ in spec["variants"][1:]:
+                for k in spec["ratios"]:
+                    a, b = med["ours"].get(prefix + k), med["ours"].get(base + k)
+                    if a is not None and b:
+                        ratio[prefix + k] = a / b
+        summary[scenario] = entry
     return summary
 
 
@@ -116,21 +143,49 @@ def fmt(value, spec: str, never: bool = False) -> str:
     return spec.format(value)
 
 
+def _ours_only(scenario: str, s: dict) -> list[str]:
+    """The block of a scenario of ours alone: a column per variant."""
+    spec = OURS_ONLY[scenario]
+    med, ratio = s["median"].get("ours", {}), s["ratio"]
+    heads = [h for _, h in spec["variants"]]
+    lines = [""] + spec["title"].split("\n")
+    head = f"{'':<16} {'metric':<26} " + " ".join(f"{h:>12}" for h in heads)
+    lines += [head, f"{'':<16} {'':<26} " + " ".join(f"{h:>12}" for h in spec["subheads"]), "-" * len(head)]
+    for i, (key, label, fmt_spec) in enumerate(spec["rows"]):
+        cells = [fmt(med.get(prefix + key), fmt_spec) for prefix, _ in spec["variants"]]
+        lines.append(f"{scenario if i == 0 else '':<16} {label:<26} " + " ".join(f"{c:>12}" for c in cells))
+        if key in spec["ratios"]:
+            cells = [""] + [fmt(ratio.get(prefix + key), "{:.2f}x") for prefix, _ in spec["variants"][1:]]
+            lines.append(f"{'':<16} {'  ' + label + ' vs 1 node':<26} " + " ".join(f"{c:>12}" for c in cells))
+    cpu = ", ".join(f"{label} {fmt(med.get(key), '{:.0f}')}%" for key, label in spec["cpu"])
+    lines.append(f"{'':<16} server CPU, % of one core: {cpu}")
+    return lines
+
+
 def table(summary: dict, target_rows: list[dict]) -> str:
     head = f"{'scenario':<16} {'metric':<26} {NAMES['ours']:>12} {NAMES['ref']:>12} {'ratio':>8}"
     lines = ["Medians", head, "-" * len(head)]
     for scenario, s in summary.items():
         med, ratio = s["median"], s["ratio"]
+        if scenario in OURS_ONLY:
+            lines.append(f"{scenario:<16} {'(our server only: below)':<26}")
+            continue
         for i, (key, label, spec) in enumerate(SHOWN.get(_family(scenario), [])):
             cells = [fmt(med.get(kind, {}).get(key), spec, key in NEVER) for kind in ("ours", "ref")]
             r = f"{ratio[key]:.2f}x" if key in ratio else ""
             lines.append(f"{scenario if i == 0 else '':<16} {label:<26} {cells[0]:>12} {cells[1]:>12} {r:>8}")
+    for scenario, s in summary.items():
+        if scenario in OURS_ONLY:
+            lines += _ours_only(scenario, s)
     lines += ["", "CPU during the measured window, % of one core: loadgen = all load processes, max proc = the",
-              "busiest of them, other = the rest of the machine (unattributed kernel time, other work)"]
+              "busiest of them, other = the rest of the machine (unattributed kernel time, other work);",
+              "redis-latency: server = both nodes + redis-server, in its 2-node run"]
     for kind in ("ours", "ref"):
         head = f"{NAMES[kind]:<16} " + " ".join(f"{label:>9}" for _, label in CPU)
         lines += [head, "-" * len(head)]
         for scenario, s in summary.items():
+            if kind not in s["median"]:
+                continue
             cells = [fmt(s["median"].get(kind, {}).get(key), "{:.0f}") for key, _ in CPU]
             lines.append(f"{scenario:<16} " + " ".join(f"{c:>9}" for c in cells))
     lines += ["", "Targets"]

@@ -297,7 +297,17 @@ def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
                      for n in _split(nsubs, nprocs)]
         jobs[0].publishers.append(Publisher(0, rate=LATENCY_RATE_HZ))
         cpu_parts = {"node_a": nodes[0], "node_b": nodes[1], "redis": redis}
-        return _drive(ctx, pool, nodes[0], jobs, cpu_parts=cpu_parts, groups=groups)
+        out = _drive(ctx, pool, nodes[0], jobs, cpu_parts=cpu_parts, groups=groups)
+        # A node cut off from Redis delivers its own clients' messages locally:
+        # its numbers would then not be the round trip's.
+        for label, node in zip(REDIS_NODES, nodes, strict=True):
+            try:
+                state = node.health().get("redis")
+            except (OSError, ValueError) as exc:
+                state = str(exc)
+            if state != "ok":
+                raise RuntimeError(f"{label} node lost Redis during the run (/healthz redis: {state})")
+        return out
 
 
 def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:

@@ -152,9 +152,7 @@ class Outbox:
                 self.chunks.clear()
                 self.queued = 0
                 self.head = b""
-                if self.drained is not None:
-                    self.drained.set()
-            return FLUSHED
+                return self._idle()  # nothing more can be sent: drain() must not wait
         with self.lock:
             if sent == len(head):
                 self.head = b""
