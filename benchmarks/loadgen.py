@@ -30,6 +30,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from . import wire
+from .servers import die_with_parent
 
 # One recv takes up to this much: a burst of ~1,000 small frames in one call,
 # still below glibc's mmap threshold so the buffer allocation stays cheap.
@@ -425,6 +426,7 @@ def _run_job(job: Job, pipe, shared, index: int, nworkers: int) -> None:
 
 def _worker_main(index: int, nworkers: int, pipe, shared) -> None:
     """Serve jobs until told to stop; errors go back to the coordinator as text."""
+    die_with_parent()  # forked with the coordinator's pipe ends open, it would never see EOF
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     while True:

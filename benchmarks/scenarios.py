@@ -9,10 +9,10 @@ stamps inside payloads share.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass, field
 
 from .loadgen import Job, LoadPool, Publisher

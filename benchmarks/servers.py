@@ -69,8 +69,8 @@ def _command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "benchmarks.reference_server", "--host", HOST, "--port", str(port), *extra]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if the harness dies, even by SIGKILL, so no server outlives it."""
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent dies, even by SIGKILL: no server or load process outlives the harness."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
@@ -139,7 +139,7 @@ class ServerProcess:
         port = free_port()
         proc = subprocess.Popen(_command(kind, port, extra), cwd=cwd, stdin=subprocess.DEVNULL,
                                 stdout=log if kind == "redis" else subprocess.DEVNULL, stderr=log,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         server = cls(kind, proc, port)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
