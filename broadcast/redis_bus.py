@@ -171,6 +171,8 @@ class RedisBus:
             header = json.loads(head)
             opcode = _OPCODES[header["op"]]
             node, skip_id = header["node"], header["skip"]
+            if skip_id is not None and type(skip_id) is not int:
+                raise TypeError("skip must be a connection id")
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed message on channel %s", self.channel)
             return

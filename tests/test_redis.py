@@ -536,8 +536,11 @@ def test_malformed_messages_on_the_channel_are_ignored(start_server, redis_serve
     (a,) = start_nodes(start_server, redis_server, 1)
     with ws_connect(a.url) as ws:
         wait_connections(a, 1)
+        own_id = json.loads(health(a)[2])["node"].encode()
         junk = [b"garbage", b"[1]\nx", b"null\nx", b'{"v": 1}\nx',
-                b'{"v": 1, "node": "n", "op": "close", "skip": null}\nx']
+                b'{"v": 1, "node": "n", "op": "close", "skip": null}\nx',
+                # claims to come from this very node, with a skip that is no id
+                b'{"v": 1, "node": "' + own_id + b'", "op": "text", "skip": {}}\nx']
         for data in junk:
             redis_server.admin.publish("broadcast", data)
         redis_server.admin.publish(
