@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import selectors
 import socket
 import threading
 import time
+
+log = logging.getLogger("broadcast.server")
 
 # What Outbox.flush tells its writer.
 FLUSHED = 0  # nothing left to send
@@ -226,7 +229,13 @@ class Writer:
                 self._flush(outbox)
 
     def _flush(self, outbox: Outbox) -> None:
-        state = outbox.flush()
+        try:
+            state = outbox.flush()
+        except Exception:
+            # A bug must cost one connection, not every client of this writer.
+            log.exception("writer failed on %s", outbox.transport.peer)
+            outbox.transport.abort()
+            return
         if state == FLUSHED:
             return
         if state == AGAIN:

@@ -136,8 +136,10 @@ class RedisBus:
             try:
                 pubsub.subscribe(self.channel)
                 self._pump(pubsub)
-            except redis.RedisError as exc:
-                if self._failures == 0:  # one error line per outage
+            except Exception as exc:  # RedisError, or a bug: either way, reconnect
+                if not isinstance(exc, redis.RedisError):
+                    log.exception("redis listener failed")
+                elif self._failures == 0:  # one error line per outage
                     log.error("redis %s unreachable: %s; delivering locally until it is back",
                               self.url, exc)
                 self.state = "reconnecting"

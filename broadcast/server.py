@@ -158,7 +158,11 @@ class Server:
             with self._conns_changed:
                 conns = tuple(self._conns)
             for conn in conns:
-                conn.tick(now, c.ping_interval, c.ping_timeout, c.write_timeout)
+                try:
+                    conn.tick(now, c.ping_interval, c.ping_timeout, c.write_timeout)
+                except Exception:  # keep every other connection's keepalive going
+                    log.exception("ticker failed on %s", conn.label)
+                    conn.abort("internal error")
 
     # Called by connections.
 
