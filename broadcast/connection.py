@@ -95,6 +95,7 @@ class Connection:
         open_timeout = self.server.config.open_timeout
         deadline = time.monotonic() + open_timeout if open_timeout else None
         if not self.transport.handshake(deadline):
+            log.info("refused %s: TLS handshake failed or timed out", self.peer)
             return None
         received = 0
         request = None
