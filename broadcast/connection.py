@@ -78,8 +78,7 @@ class Connection:
         except Exception:
             log.exception("error on connection from %s", self.peer)
         finally:
-            if self.joined:
-                self.server.depart(self)
+            self._leave()
             # What the client is still owed (a close frame, the echo of its
             # last message) goes out before the socket does, within bounds.
             self.outbox.drain(CLOSE_TIMEOUT_S)
@@ -182,9 +181,16 @@ class Connection:
         elif opcode is _PONG:
             if frame.data == self._ping:
                 self._ping = None
-        elif opcode is _CLOSE and self.protocol.close_rcvd_then_sent:
-            self.why = f"closed by client: {self.protocol.close_rcvd}"
+        elif opcode is _CLOSE:
+            if self.protocol.close_rcvd_then_sent:
+                self.why = f"closed by client: {self.protocol.close_rcvd}"
+            self._leave()  # before the close is answered: once it is, the client is gone
         return True
+
+    def _leave(self) -> None:
+        if self.joined:
+            self.joined = False
+            self.server.depart(self)
 
     def _deliver(self, opcode, payload: bytes) -> bool:
         if self._bucket is not None and not self._bucket.take():
