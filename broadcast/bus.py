@@ -25,6 +25,9 @@ class LocalBus:
         """Deliver to every local client except ``skip`` (a joiner or leaver)."""
         self._hub.broadcast(encode(opcode, payload), skip)
 
+    def check(self) -> None:
+        """Nothing to reach."""
+
     def start(self) -> None:
         """Nothing to subscribe to."""
 

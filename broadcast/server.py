@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -54,7 +53,7 @@ HEALTH_PATH = "/healthz"
 
 class Server:
     def __init__(self, config) -> None:
-        """Raises OSError or ssl.SSLError if the TLS certificate cannot be loaded."""
+        """Raises OSError (ssl.SSLError among them) if the TLS certificate cannot be loaded."""
         self.config = config
         self.tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.policy = handshake.Policy(config.token, config.require_username)
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = Server(config)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
         log.error("cannot load TLS certificate %s: %s", config.certfile, exc)
         return 2
     stop = threading.Event()
@@ -263,14 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     # listening line, and the default SIGTERM action would skip the shutdown.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if isinstance(server.bus, RedisBus):
-        try:
-            server.bus.check()
-        except RedisUnavailable as exc:
-            if not config.redis_optional:
-                log.error("cannot reach redis %s", exc)
-                return 1
-            log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
+    try:
+        server.bus.check()
+    except RedisUnavailable as exc:
+        if not config.redis_optional:
+            log.error("cannot reach redis %s", exc)
+            return 1
+        log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
     server.bus.start()
     try:
         server.listen()
