@@ -29,8 +29,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A running ``scripts/server.py``, with its log lines collected as they come."""
 
-    def __init__(self, args, env=None, expect_listening: bool = True) -> None:
-        cmd = [sys.executable, str(ROOT / "scripts" / "server.py"), "--host", "127.0.0.1", *args]
+    def __init__(self, args, env=None, expect_listening: bool = True, program=None) -> None:
+        # ``program``: what runs the server, when not this interpreter on this checkout.
+        program = program or [sys.executable, str(ROOT / "scripts" / "server.py")]
+        cmd = [*program, "--host", "127.0.0.1", *args]
         if not any(a == "--port" or a.startswith("--port=") for a in args):
             cmd += ["--port", "0"]
         self.proc = subprocess.Popen(
@@ -106,8 +108,8 @@ def start_server():
     """Factory: ``start_server("--max-connections", "2")`` -> ServerProcess."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True):
-        server = ServerProcess(list(args), env=env, expect_listening=expect_listening)
+    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True, program=None):
+        server = ServerProcess(list(args), env=env, expect_listening=expect_listening, program=program)
         started.append(server)
         return server
 
