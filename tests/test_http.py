@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
+from broadcast import logsafe
 from rawws import (
     OP_TEXT,
     RawWS,
@@ -168,6 +169,16 @@ def test_a_username_of_invisible_fillers_is_refused(server, name):
 # 20. No traceback, no raw control character in the log
 
 
+@pytest.mark.parametrize("raw, shown", [
+    ("a\x1b[31mb", "a\\x1b[31mb"),
+    ("line\nforged INFO connect x", "line\\x0aforged INFO connect x"),
+    ("\x00\t\r\x7f\x85\x9b", "\\x00\\x09\\x0d\\x7f\\x85\\x9b"),
+    ("Zoë 李 🙂 [bob]", "Zoë 李 🙂 [bob]"),  # printable text is left as it is
+])
+def test_escape_writes_control_characters_as_hex(raw, shown):
+    assert logsafe.escape(raw) == shown
+
+
 def test_a_target_urlsplit_cannot_parse_is_a_400_not_a_traceback(server):
     for path in ("//[::1/ws", "http://[x/healthz", "//[/ws?username=a"):
         response, closed = exchange(server.port, handshake_request(server.port, path))
@@ -209,30 +220,44 @@ def test_control_characters_from_a_request_are_escaped_in_the_log(start_server):
     assert_clean_log(server)
 
 
-# Printable bytes, and the ones that are not: controls, DEL, obs-text.
-_BYTES = st.binary(min_size=0, max_size=24)
+# Header values: mostly legal (visible ASCII and obs-text, which the parser
+# passes on as Latin-1, C1 controls included), some not, some that admit.
+_VALUES = st.one_of(
+    st.binary(max_size=24).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7f)),
+    st.binary(max_size=24),
+    st.sampled_from([b"https://good.example", b"https://e\x9b31mvil.example", b"Bearer tok", b"bearer tok",
+                     b"Basic tok", b"permessage-deflate", b"chat, chat", b"0", b"13", b""]),
+)
 _TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=0x2FFF), max_size=12)
+
+
+def _often(common, *rare):
+    """Mostly ``common``, so that most requests get past the first check."""
+    return st.sampled_from([common] * 12 + list(rare))
 
 
 @st.composite
 def hostile_request(draw, port: int) -> bytes:
     """A handshake broken in one or more of the places a parser has to look."""
-    method = draw(st.sampled_from([b"GET", b"POST", b"G\x1bT", b"", b"GET GET"]))
-    path = draw(st.sampled_from([b"/ws", b"/healthz", b"//[", b"/ws?username=", b"http://[::1", b"*"]))
-    path += quote(draw(_TEXT), safe="/?&=[]%:@").encode() + draw(st.sampled_from([b"", b"%", b"%ff", b"\x1b"]))
-    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b""]))
-    headers = [(b"Host", f"127.0.0.1:{port}".encode())] * draw(st.integers(0, 2))
+    method = draw(_often(b"GET", b"POST", b"G\x1bT", b"", b"GET GET"))
+    path = draw(st.sampled_from([b"/ws", b"/ws?token=tok", b"/ws?token=tok&username=", b"/healthz",
+                                 b"//[", b"http://[::1", b"*"]))
+    path += quote(draw(_TEXT), safe="/?&=[]%:@").encode() + draw(_often(b"", b"%", b"%ff", b"\x1b"))
+    version = draw(_often(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b""))
+    headers = [(b"Host", f"127.0.0.1:{port}".encode())] * draw(_often(1, 0, 2))
     headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
                 (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"Sec-WebSocket-Version", b"13")]
     names = st.sampled_from([b"Origin", b"Authorization", b"Sec-WebSocket-Key", b"Sec-WebSocket-Protocol",
-                             b"Sec-WebSocket-Extensions", b"Content-Length", b"Host", b"X\x1b", b"Connection"])
-    headers += draw(st.lists(st.tuples(names, _BYTES), max_size=4))
+                             b"Sec-WebSocket-Extensions", b"Sec-WebSocket-Version", b"Content-Length",
+                             b"Host", b"Upgrade", b"X\x1b", b"X-Forwarded-For"])
+    headers += draw(st.lists(st.tuples(names, _VALUES), max_size=4))
     if draw(st.booleans()):
         headers = draw(st.permutations(headers))
     head = method + b" " + path + b" " + version + b"\r\n"
     head += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
     tail = draw(st.sampled_from([b"", head, build_frame(0x9, b"p"), build_frame(0x3), b"\x47\x45\x54 /",
-                                 build_frame(OP_TEXT, b"\xff"), build_frame(0x8, b"\x03\xe8")]))
+                                 build_frame(OP_TEXT, b"\xff"), build_frame(OP_TEXT, b"x" * 100),
+                                 build_frame(0x8, b"\x03\xe8")]))
     return head + tail
 
 
