@@ -168,6 +168,7 @@ class Connection:
         if writes == [SEND_EOF]:  # no response, unlike a too-long line's 414 or 431
             writes.insert(0, self.protocol.reject(400, "malformed HTTP request\n").serialize())
         self.outbox.put_control(writes, closing=True)
+        self._push_locked()  # nothing left to move: it sets the close deadline
 
     def _refuse_locked(self, refusal: Refused) -> None:
         self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
