@@ -78,7 +78,10 @@ class Connection:
                 self._handle(early)
                 with self.lock:
                     self._push_locked()  # the early frames' pongs or close, after their messages
-                self._read_loop()
+                    # A close behind the request was answered just now: the server hangs up first.
+                    closed = self.protocol.close_rcvd is not None
+                if not closed:
+                    self._read_loop()
         except Exception:
             log.exception("error on connection from %s", self.peer)
         finally:

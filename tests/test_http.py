@@ -124,6 +124,20 @@ def test_an_early_ping_is_answered_after_the_101(server):
     assert_clean_log(server)
 
 
+def test_a_message_and_a_close_right_behind_the_upgrade_are_both_answered(server):
+    sock = open_socket(server.port)
+    with RawWS(sock) as conn:
+        sock.sendall(handshake_request(server.port, "/ws?username=hasty")
+                     + build_frame(OP_TEXT, b"hi") + build_frame(0x8, b"\x03\xe8"))
+        response = read_http_response(sock)
+        assert response is not None and response.status == 101, response
+        conn.backlog = conn.parser.feed(response.rest)
+        frames = conn.wait_eof(WAIT)
+    assert [(f.opcode, f.payload) for f in frames] == [(OP_TEXT, b"[hasty] hi"), (0x8, b"\x03\xe8")]
+    server.wait_for_log(r"disconnect hasty@\S+: closed by client: 1000", WAIT)
+    assert_clean_log(server)
+
+
 # 19. The HTTP rules a proxy or a browser relies on
 
 
