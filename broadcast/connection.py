@@ -16,7 +16,7 @@ import threading
 import time
 
 from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import OPEN, SEND_EOF
 
 from .handshake import Refused
 from .limits import TokenBucket
@@ -38,6 +38,8 @@ EVICT_GRACE_S = 1.0
 # Requests bigger than this are refused before they are parsed further: the
 # HTTP parser bounds each line (8 KiB) and the header count, not the total.
 MAX_HANDSHAKE_BYTES = 64 * 1024
+# Why a connection ended when nothing more precise is known: the peer went away.
+CONNECTION_LOST = "connection lost"
 
 
 class Connection:
@@ -58,7 +60,7 @@ class Connection:
         self.prefix = b""  # "[NAME] ", what the server puts before a named client's text
         self.joined = False
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
-        self.why = "connection lost"  # for the disconnect log line
+        self.why = CONNECTION_LOST  # for the disconnect log line
         # Message being reassembled from fragments (already checked by the protocol).
         self._parts: list[bytes] = []
         self._opcode = None
@@ -74,7 +76,12 @@ class Connection:
             early = self._open()
             if early is not None:
                 self._handle(early)
-                self._read_loop()
+                with self.lock:
+                    self._push_locked()  # the early frames' pongs or close, after their messages
+                    # A close behind the request was answered just now: the server hangs up first.
+                    closed = self.protocol.close_rcvd is not None
+                if not closed:
+                    self._read_loop()
         except Exception:
             log.exception("error on connection from %s", self.peer)
         finally:
@@ -112,22 +119,19 @@ class Connection:
                 self.protocol.receive_data(data)
                 events = self.protocol.events_received()
                 if events:
-                    request, early = events[0], events[1:]
-                else:
-                    self._push_locked()  # a malformed request: the parser already answered
-                    if self.protocol.close_expected():
-                        break
+                    request = events[0]  # frames behind it wait for the response
+                elif self.protocol.close_expected():
+                    self._refuse_malformed_locked()
+                    break
         if request is not None:
             with self.lock:
                 response = self.server.admit(self, request)
                 self.protocol.send_response(response)
                 if response.status_code == 101:
-                    # Joined in the same step as the 101 is queued: nothing
-                    # broadcast after the client sees 101 can pass it by.
-                    self.server.arrive(self, self.protocol.data_to_send())
+                    early = self._early_frames_locked()
                 else:
                     self._push_locked()
-            if response.status_code == 101:
+            if response.status_code == 101 and self.joined:
                 self.transport.set_deadline(None)
                 self.server.announce(self)
                 return early
@@ -135,6 +139,39 @@ class Connection:
         # the response rather than a reset; the open timeout bounds this.
         self._read_loop()
         return None
+
+    def _early_frames_locked(self) -> list[Frame]:
+        """Parse what came right behind the request, and join unless it failed the connection.
+
+        The 101 is taken before the frames are parsed, so a pong owed to an
+        early ping follows it. A client whose first frames are invalid gets
+        the 101 and its close, and never joins: nobody hears of it.
+        """
+        assert self.lock.locked()
+        protocol = self.protocol
+        response = protocol.data_to_send()
+        protocol.receive_data(b"")  # resume the parser held by _FramesAfterResponse
+        early = protocol.events_received()
+        if protocol.state is not OPEN and protocol.close_rcvd is None:
+            log.info("refused %s: closed by server: %s", self.peer, protocol.close_sent)
+            self.outbox.put_control(response, closing=True)
+            self._push_locked()
+            return []
+        # Joined in the same step as the 101 is queued: nothing broadcast
+        # after the client sees 101 can pass it by.
+        self.server.arrive(self, response)
+        return early
+
+    def _refuse_malformed_locked(self) -> None:
+        """The parser gave up on the request; say why, to the log and to the client."""
+        assert self.lock.locked()
+        problem = self.protocol.handshake_exc
+        log.info("refused %s: malformed request: %s", self.peer, problem.__cause__ or problem)
+        writes = self.protocol.data_to_send()
+        if writes == [SEND_EOF]:  # no response, unlike a too-long line's 414 or 431
+            writes.insert(0, self.protocol.reject(400, "malformed HTTP request\n").serialize())
+        self.outbox.put_control(writes, closing=True)
+        self._push_locked()  # nothing left to move: it sets the close deadline
 
     def _refuse_locked(self, refusal: Refused) -> None:
         self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
@@ -188,8 +225,14 @@ class Connection:
         return True
 
     def _leave(self) -> None:
-        if self.joined:
-            self.joined = False
+        """Leave the room once: the reader and a shutdown that gave up on it may race here."""
+        with self.lock:
+            joined, self.joined = self.joined, False
+            sent = self.protocol.close_sent
+            if joined and self.why == CONNECTION_LOST and sent is not None:
+                # The library's parser closed on its own (1002, 1007, 1009).
+                self.why = f"closed by server: {sent}"
+        if joined:
             self.server.depart(self)
 
     def _deliver(self, opcode, payload: bytes) -> bool:
@@ -242,6 +285,11 @@ class Connection:
         self.why = why
         self.transport.abort()
 
+    def drop(self, why: str) -> None:
+        """Abort and log the departure now, not when the reader wakes: the process is exiting."""
+        self.abort(why)
+        self._leave()
+
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
         """Enforce deadlines; called by the server's ticker thread."""
         if self._close_by is not None:
@@ -252,6 +300,7 @@ class Connection:
         if write_timeout and blocked_since is not None and now - blocked_since > write_timeout:
             log.warning("dropping %s: nothing written for %.1f s", self.label, now - blocked_since)
             self.abort("write timeout")
+            self._close_by = now  # dropped once: later ticks only repeat the abort
             return
         if not ping_interval or not self.joined:
             return

@@ -11,13 +11,17 @@ import hmac
 import http
 import unicodedata
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 WS_PATH = "/ws"  # the Go original's path
 MAX_NAME_CHARS = 32
 # Control, format (bidi overrides, zero-width) and line/paragraph separators
 # would let one name rewrite or hide the lines around it.
 _FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+# Letters and symbols that render as nothing (Hangul and Braille fillers,
+# invisible vowels): their categories (Lo, So, Mn) pass the test above, so a
+# name made of them would show as blank, like whitespace does.
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5")
 
 
 class Refused(Exception):
@@ -47,26 +51,52 @@ def name_problem(name: str) -> str | None:
     """Why ``name`` is not a valid username, or None if it is."""
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         return f"must be 1 to {MAX_NAME_CHARS} characters"
-    if name != name.strip():
+    if all(_blank(ch) for ch in name):
+        return "must contain a visible character"
+    if _blank(name[0]) or _blank(name[-1]):
         return "must not start or end with whitespace"
     if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in name):
         return "must not contain control or formatting characters"
     return None
 
 
+def _blank(ch: str) -> bool:
+    return ch.isspace() or ch in _INVISIBLE
+
+
+def _bearer(value: str) -> str | None:
+    """The credentials of a ``Bearer`` Authorization value; schemes are case-insensitive (RFC 9110 11.1)."""
+    scheme, _, credentials = value.partition(" ")
+    return credentials.strip(" ") if scheme.lower() == "bearer" else None
+
+
 def _authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
     """A bearer header or ``?token=``, compared in constant time."""
-    presented = [v[len("Bearer "):] for v in headers.get_all("Authorization")
-                 if v.startswith("Bearer ")]
+    presented = [c for c in map(_bearer, headers.get_all("Authorization")) if c is not None]
     presented += query.get("token", [])
     if len(presented) != 1:
         return False
     return hmac.compare_digest(presented[0].encode(), token.encode())
 
 
+def request_target(path: str, headers) -> SplitResult:
+    """The parsed request target, once the request is one HTTP/1.1 can route; else Refused.
+
+    A proxy routes on Host and a browser always sends exactly one: none, or
+    two that a proxy and this server might read differently, is a 400
+    (RFC 9112 3.2).
+    """
+    if len(headers.get_all("Host")) != 1:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "exactly one Host header required")
+    try:
+        return urlsplit(path)
+    except ValueError:  # "//[" reads as an unterminated IPv6 authority
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed request target") from None
+
+
 def admit(path: str, headers, policy: Policy) -> Admission:
     """Check the request target and credentials; raise Refused, or say who is joining."""
-    target = urlsplit(path)
+    target = request_target(path, headers)
     if target.path != WS_PATH:
         raise Refused(http.HTTPStatus.NOT_FOUND, f"no WebSocket at {target.path}; use {WS_PATH}")
     try:

@@ -15,15 +15,35 @@ closes with 1009; refusing oversized frames up front is worth that.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Generator
 
 from websockets.frames import Frame, Opcode
+from websockets.protocol import CONNECTING, Protocol
 from websockets.server import ServerProtocol
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 
 
-class BroadcastProtocol(ServerProtocol):
+class _FramesAfterResponse(Protocol):
+    """Parse frames only once the handshake response is sent.
+
+    ``ServerProtocol.parse`` goes straight from the request to frames, while
+    still CONNECTING: a pipelined second request then fails as a bad frame
+    and half-closes before the first is answered, and an early ping's pong
+    is queued ahead of the 101. Sits between ServerProtocol and Protocol in
+    the MRO, where ServerProtocol's ``super().parse()`` lands. The caller
+    resumes it with ``receive_data(b"")`` after ``send_response``; a refusal
+    replaces the parser with ``discard`` and never resumes it.
+    """
+
+    def parse(self) -> Generator[None]:
+        while self.state is CONNECTING:
+            yield
+        yield from super().parse()
+
+
+class BroadcastProtocol(ServerProtocol, _FramesAfterResponse):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._decoder = None  # while a text message is in progress

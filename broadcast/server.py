@@ -16,11 +16,10 @@ import socket
 import threading
 import time
 import uuid
-from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode, Opcode
 
-from . import handshake
+from . import handshake, logsafe
 from .bus import LocalBus
 from .config import parse_server_args
 from .connection import Connection
@@ -109,7 +108,7 @@ class Server:
             self._conns_changed.wait_for(lambda: not self._conns, deadline - time.monotonic())
             left = tuple(self._conns)
         for conn in left:
-            conn.abort("shutdown timeout")
+            conn.drop("shutdown timeout")
         if left:
             log.warning("shutdown timeout: dropped %d connection(s)", len(left))
         self.bus.close()
@@ -168,10 +167,10 @@ class Server:
     def admit(self, conn: Connection, request):
         """Answer the opening handshake: a 101 response, or a refusal."""
         protocol = conn.protocol
-        if urlsplit(request.path).path == HEALTH_PATH:
-            return self._health(protocol)
         limit_per_ip = self.config.max_connections_per_ip
         try:
+            if handshake.request_target(request.path, request.headers).path == HEALTH_PATH:
+                return self._health(protocol)
             admission = handshake.admit(request.path, request.headers, self.policy)
             if len(self._conns) > self.config.max_connections:
                 raise handshake.Refused(503, "server full, try again later")
@@ -189,7 +188,9 @@ class Server:
             if admission.username is not None:
                 conn.prefix = f"[{admission.username}] ".encode()
         else:
-            log.info("refused %s: %d %s", conn.peer, response.status_code, response.reason_phrase)
+            # The library's reason names the header at fault and its value:
+            # for a refused Origin, the origin itself.
+            log.info("refused %s: %d %s", conn.peer, response.status_code, protocol.handshake_exc)
         return response
 
     def _health(self, protocol):
@@ -240,6 +241,7 @@ def _raise_open_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_server_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logsafe.install()
     # websockets logs every open and close at INFO; ours already does, once.
     logging.getLogger("broadcast.wire").setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     _raise_open_file_limit()
@@ -253,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            os._exit(1)  # a second signal: the operator does not want to wait
+            # A second signal: the operator does not want to wait.
+            log.warning("received %s again, exiting without waiting for clients", name)
+            os._exit(1)
         stop.set()
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+        log.info("received %s, shutting down", name)
 
     # Handlers first: a supervisor may signal as soon as it reads the
     # listening line, and the default SIGTERM action would skip the shutdown.

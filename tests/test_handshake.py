@@ -7,6 +7,7 @@ no surrounding whitespace; the WebSocket lives at /ws and nowhere else.
 from __future__ import annotations
 
 import inspect
+from urllib.parse import quote
 
 import pytest
 from websockets.datastructures import Headers
@@ -15,11 +16,11 @@ from broadcast import handshake
 from broadcast.handshake import Admission, Refused, name_problem
 
 
-def admit(path: str):
-    """``handshake.admit`` for a request with no extra headers, under the default policy."""
+def admit(path: str, *headers: tuple[str, str], policy: handshake.Policy = handshake.Policy()):
+    """``handshake.admit`` for a request with a Host and ``headers``, under ``policy``."""
     if len(inspect.signature(handshake.admit).parameters) == 1:
         return handshake.admit(path)
-    return handshake.admit(path, Headers(), handshake.Policy())
+    return handshake.admit(path, Headers([("Host", "chat.example"), *headers]), policy)
 
 GOOD_NAMES = [
     "a",
@@ -149,3 +150,60 @@ def test_refusal_is_checked_on_path_before_username():
     with pytest.raises(Refused) as info:
         admit("/chat?username=%00")
     assert info.value.status == 404
+
+
+# Issue 8, point 19: the HTTP rules a proxy or a browser relies on.
+
+@pytest.mark.parametrize("hosts", [[], ["chat.example", "evil.example"], ["a", "a"]],
+                         ids=["no Host", "two Hosts", "the same Host twice"])
+def test_a_request_needs_exactly_one_host(hosts):
+    headers = Headers([("Host", h) for h in hosts])
+    for path in ("/ws", "/healthz"):
+        with pytest.raises(Refused) as info:
+            handshake.request_target(path, headers)
+        assert info.value.status == 400 and "Host" in info.value.reason
+    with pytest.raises(Refused) as info:
+        handshake.admit("/ws", headers, handshake.Policy())
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("path", ["//[::1/ws", "http://[x/ws", "//[/healthz"])
+def test_an_unparsable_target_is_a_bad_request(path):
+    with pytest.raises(Refused) as info:
+        handshake.request_target(path, Headers([("Host", "x")]))
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_authorization_scheme_is_case_insensitive(scheme):
+    policy = handshake.Policy(token="s3cret")
+    assert admit("/ws", ("Authorization", f"{scheme} s3cret"), policy=policy) == Admission(None)
+    with pytest.raises(Refused) as info:
+        admit("/ws", ("Authorization", f"{scheme} wrong"), policy=policy)
+    assert info.value.status == 401
+
+
+@pytest.mark.parametrize("value", ["Basic s3cret", "Bearers3cret", "s3cret", "Token s3cret"])
+def test_other_schemes_are_not_a_bearer_token(value):
+    with pytest.raises(Refused) as info:
+        admit("/ws", ("Authorization", value), policy=handshake.Policy(token="s3cret"))
+    assert info.value.status == 401
+
+
+FILLERS = {
+    "hangul filler": "\u3164",
+    "braille blank": "\u2800",
+    "hangul choseong filler": "\u115f",
+    "hangul jungseong filler": "\u1160",
+    "halfwidth hangul filler": "\uffa0",
+}
+
+
+@pytest.mark.parametrize("filler", list(FILLERS.values()), ids=list(FILLERS))
+def test_a_name_of_invisible_fillers_is_refused_like_an_empty_one(filler):
+    for name in (filler, filler * 3, f"{filler} {filler}", f" {filler}\u3000"):
+        assert name_problem(name), repr(name)
+        with pytest.raises(Refused) as info:
+            admit("/ws?username=" + quote(name))
+        assert info.value.status == 400 and "username" in info.value.reason
+    assert name_problem(f"a{filler}b") is None  # inside a visible name it is just a letter
