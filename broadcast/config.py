@@ -150,8 +150,16 @@ class SectionParser(configargparse.ConfigFileParser):
         ini = configparser.ConfigParser(interpolation=None, default_section="")
         try:
             ini.read_string(stream.read(), source=name)
+        except configparser.MissingSectionHeaderError as exc:
+            raise configargparse.ConfigFileParserException(
+                f"{name}: line {exc.lineno}: a setting before any [server] or [client] section") from None
+        except configparser.ParsingError as exc:
+            # Not exc's own text: it quotes the line, which may hold a secret.
+            lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+            raise configargparse.ConfigFileParserException(
+                f"{name}: line {lines}: not a 'key = value' line") from None
         except (configparser.Error, UnicodeDecodeError) as exc:
-            raise configargparse.ConfigFileParserException(f"invalid config file: {exc}") from None
+            raise configargparse.ConfigFileParserException(f"invalid config file {name}: {exc}") from None
         found = ini.sections()
         unknown = [s for s in found if s not in SECTIONS]
         if unknown:
@@ -189,14 +197,15 @@ class SectionParser(configargparse.ConfigFileParser):
 
 
 def _parser(section: str, description: str) -> OneLineParser:
-    file_parser = SectionParser(section)
+    section_parser = SectionParser(section)
     parser = OneLineParser(
         prog=f"broadcast-{section}",
         description=description,
-        config_file_parser_class=file_parser,
+        config_file_parser_class=section_parser,
         auto_env_var_prefix=ENV_PREFIX,
     )
-    file_parser.owner = parser
+    section_parser.owner = parser
+    parser.section_parser = section_parser
     # Declared here rather than with args_for_setting_config_path, which gives
     # it no environment variable: BROADCAST_CONFIG would be ignored.
     parser.add_argument("--config", dest="config_file", is_config_file_arg=True, env_var=CONFIG_ENV,
@@ -274,7 +283,7 @@ def client_parser() -> OneLineParser:
 def _parse(parser: OneLineParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, keeping the file's warnings in ``config_warnings`` for the program to report."""
     config = parser.parse_args(argv)
-    config.config_warnings = parser._config_file_parser.warnings
+    config.config_warnings = parser.section_parser.warnings
     return config
 
 

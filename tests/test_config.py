@@ -20,9 +20,11 @@ import sys
 import threading
 
 import pytest
+from pytest_redis.config import get_config
 
 from broadcast.config import parse_client_args, parse_server_args
 from conftest import ROOT, clean_env
+from redis_support import NOT_INSTALLED, TestRedis
 from wsclients import Closed, http_get, recv, ws_connect
 
 SERVER = str(ROOT / "scripts" / "server.py")
@@ -531,14 +533,15 @@ def test_example_ini_and_readme_sample_work_as_written(tmp_path, start_server):
     "text, needles",
     [
         ("[server]\nport = 1\nport = 2\n", ["line 3", "port"]),
-        ("port = 9000\n[server]\n", ["line: 1"]),
+        ("port = 9000\n[server]\n", ["line 1"]),
+        ("[server]\nport = 1\ntoken s3cret\n", ["line 3"]),
         ("[server]\nport = 1\n[server]\n", ["line 3", "server"]),
         ("[server]\nbogus = 1\n", ["unknown key 'bogus'", "[server]"]),
         ("[server]\nport = 70000\n", ["port", "70000"]),
         ("[server]\nmax-connections = many\n", ["max-connections", "many"]),
         ("[server]\nconfig = other.ini\n", ["unknown key 'config'"]),
     ],
-    ids=["duplicate-key", "no-section", "duplicate-section", "unknown-key", "bad-port", "bad-count", "config-key"],
+    ids=["duplicate-key", "no-section", "no-delimiter", "duplicate-section", "unknown-key", "bad-port", "bad-count", "config-key"],
 )
 def test_ini_errors_name_the_file_and_line(text, needles, tmp_path):
     ini = tmp_path / "bad.ini"
@@ -548,6 +551,7 @@ def test_ini_errors_name_the_file_and_line(text, needles, tmp_path):
     assert "unrecognized arguments" not in err
     for needle in needles:
         assert needle in err
+    assert "s3cret" not in err  # a line is located, never quoted
 
 
 # Every limit: 0 is off or refused, and --help says which.
@@ -704,9 +708,6 @@ SECRET = "pa55-w0rd-never-shown"
 @pytest.fixture
 def redis_with_password(request, tmp_path_factory):
     """A real redis-server that requires SECRET."""
-    from pytest_redis.config import get_config
-    from redis_support import NOT_INSTALLED, TestRedis
-
     if not get_config(request).exec:
         pytest.skip(NOT_INSTALLED)
     server = TestRedis(request, tmp_path_factory.mktemp("redis")).start()
