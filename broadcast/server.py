@@ -28,7 +28,6 @@ from .connection import Connection
 from .hub import Hub
 from .limits import AddressCounts
 from .outbox import WriterPool
-from .redact import redact_url
 from .redis_bus import RedisBus, RedisUnavailable
 from .tls import TLSTransport, server_context
 from .transport import PlainTransport
