@@ -26,6 +26,8 @@ ENV_PREFIX = "BROADCAST_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 # The sections a file may have: one per program, so one file serves both.
 SECTIONS = ("server", "client")
+# What configargparse takes for a switch (store_true) in a file or the environment.
+SWITCH_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 MIB = 1024 * 1024
 
@@ -186,6 +188,9 @@ class SectionParser(configargparse.ConfigFileParser):
 
     def _check(self, name: str, key: str, action: argparse.Action, value: str | list[str]) -> None:
         """Type-check here, where the file is known: argparse would blame a flag nobody typed."""
+        if isinstance(action, argparse._StoreTrueAction) and value.lower() not in SWITCH_WORDS:
+            raise configargparse.ConfigFileParserException(
+                f"{name}: [{self.section}] {key}: expected true or false, got {value!r}")
         if action.type is None:
             return
         for item in value if isinstance(value, list) else [value]:

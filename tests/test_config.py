@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+import trustme
 from pytest_redis.config import get_config
 from websockets.exceptions import InvalidStatus
 
@@ -542,8 +543,10 @@ def test_example_ini_and_readme_sample_work_as_written(tmp_path, start_server):
         ("[server]\nport = 70000\n", ["port", "70000"]),
         ("[server]\nmax-connections = many\n", ["max-connections", "many"]),
         ("[server]\nconfig = other.ini\n", ["unknown key 'config'"]),
+        ("[server]\nrequire-username = maybe\n", ["require-username", "maybe"]),
     ],
-    ids=["duplicate-key", "no-section", "no-delimiter", "duplicate-section", "unknown-key", "bad-port", "bad-count", "config-key"],
+    ids=["duplicate-key", "no-section", "no-delimiter", "duplicate-section", "unknown-key", "bad-port", "bad-count", "config-key",
+         "bad-switch"],
 )
 def test_ini_errors_name_the_file_and_line(text, needles, tmp_path):
     ini = tmp_path / "bad.ini"
@@ -711,6 +714,16 @@ def test_exposure_line_with_token_and_origins(start_server):
     assert match.group(1).startswith("ws://0.0.0.0:")
     assert "beyond loopback" not in server.log  # a token guards it
     assert "s3cret-token" not in server.log
+
+
+def test_exposure_line_with_tls_beyond_loopback(start_server, tmp_path):
+    chain = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(chain)
+    server = start_server("--host", "0.0.0.0", "--certfile", str(chain))
+    match = server.wait_for_log(EXPOSURE)
+    assert match.group(1).startswith("wss://0.0.0.0:")
+    assert match.groups()[1:] == ("on", "off", "any origin")
+    assert "beyond loopback" not in server.log  # TLS guards it
 
 
 def test_warning_when_open_beyond_loopback(start_server):
