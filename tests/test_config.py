@@ -1,9 +1,11 @@
 """Configuration of both programs: flags, BROADCAST_<OPTION> variables, one ini file, defaults.
 
-Precedence is flag > environment > ``--config FILE`` ([server] and [client]
-sections, keys spelled like the long options) > default. Bad configuration
-costs exactly one line on stderr and exit status 2, never a traceback; a port
-already in use is one line and exit status 1.
+Precedence is flag > environment > ``--config FILE`` or ``BROADCAST_CONFIG``
+([server] and [client] sections only, keys spelled like the long options) >
+default. Bad configuration costs exactly one line on stderr and exit status 2,
+never a traceback, and never a secret; a port already in use is one line and
+exit status 1. The limits, listening address, exposure line and masking of
+secrets (issue 8, points 5-9) are checked here too, on real processes.
 
 The parser is checked directly where that is enough; what users see (the
 exit status, the one stderr line, the settings actually in force) is checked
