@@ -23,6 +23,7 @@ import websocket
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
 
 from broadcast.config import parse_client_args
+from broadcast.redact import redact_url
 
 PROG = "broadcast-client"
 PROMPT = "> "
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = server_url(args.addr, args.username)
     except ValueError as exc:
-        print(f"{PROG}: error: invalid --addr {args.addr!r}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: invalid --addr {redact_url(args.addr)!r}: {exc}", file=sys.stderr)
         return 2
     # A peer's message or a stray byte in the input must not end the client.
     sys.stdin.reconfigure(errors="replace")
@@ -261,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except websocket.WebSocketBadStatusException as exc:
         body = _one_line((exc.resp_body or b"").decode("utf-8", "replace"))
-        print(f"{PROG}: {url} rejected the handshake: HTTP {exc.status_code} "
+        print(f"{PROG}: {redact_url(url)} rejected the handshake: HTTP {exc.status_code} "
               f"{body or exc.status_message or ''}".rstrip(), file=sys.stderr)
         return 1
     except (websocket.WebSocketException, OSError) as exc:
-        print(f"{PROG}: cannot connect to {url}: {_reason(exc)}", file=sys.stderr)
+        print(f"{PROG}: cannot connect to {redact_url(url)}: {_reason(exc)}", file=sys.stderr)
         return 1
     return session.run()

@@ -2,21 +2,32 @@
 
 Every option can be given as a flag, as ``BROADCAST_<OPTION>`` in the
 environment, or as a key in the ``[server]`` or ``[client]`` section of the
-file named by ``--config``; configargparse applies that precedence for us.
-Bad configuration must cost the user one line on stderr and exit code 2, never
-a traceback, so the parser's ``error`` is narrowed to exactly that.
+file named by ``--config`` or ``BROADCAST_CONFIG``; configargparse applies
+that precedence for us. Bad configuration must cost the user one line on
+stderr and exit code 2, never a traceback, so the parser's ``error`` is
+narrowed to exactly that. A file is never half-read: a section or key this
+program does not know is an error naming the file, not a silent default.
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
+import json
 import logging
 import sys
 
 import configargparse
 from redis.connection import parse_url
 
+from .redact import redact_url
+
 ENV_PREFIX = "BROADCAST_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# The sections a file may have: one per program, so one file serves both.
+SECTIONS = ("server", "client")
+# What configargparse takes for a switch (store_true) in a file or the environment.
+SWITCH_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 MIB = 1024 * 1024
 
@@ -67,6 +78,9 @@ def _non_negative_float(what: str):
 port = _bounded_int(0, 65535, "port")
 size = _bounded_int(0, None, "size")
 count = _bounded_int(0, None, "count")
+# Limits for which 0 would refuse or evict every client: at least 1.
+positive_size = _bounded_int(1, None, "size")
+positive_count = _bounded_int(1, None, "count")
 seconds = _non_negative_float("seconds")
 
 
@@ -75,7 +89,7 @@ def _redis_url(text: str) -> str:
     try:
         parse_url(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad Redis URL {text!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(f"bad Redis URL {redact_url(text)!r}: {exc}") from None
     return text
 
 
@@ -86,48 +100,149 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _section_parser(section: str) -> type[configargparse.IniConfigParser]:
-    """configargparse wants a class it can build with no arguments."""
+def split_list(value: str) -> list[str] | str:
+    """The one list syntax, ``[A, B]``, read exactly as configargparse reads it from the environment.
 
-    class SectionParser(configargparse.IniConfigParser):
-        def __init__(self) -> None:
-            super().__init__([section], split_ml_text_to_list=False)
+    JSON (``["A", "B"]``) is taken as JSON; otherwise the items are what lies
+    between the commas, stripped. A value without brackets is one item.
+    """
+    if not (value.startswith("[") and value.endswith("]")):
+        return value
+    try:
+        items = json.loads(value)
+    except ValueError:
+        return [item.strip() for item in value[1:-1].split(",")]
+    return [str(item) for item in items] if isinstance(items, list) else value
 
-    return SectionParser
+
+class SectionParser(configargparse.ConfigFileParser):
+    """Reads one program's section of the shared ini file, strictly.
+
+    configargparse's own IniConfigParser ignores sections it was not told
+    about (so ``[Server]`` silently configures nothing), evaluates lists as
+    Python literals (so ``[https://a.example]`` is a syntax error), and lets
+    an unknown key surface as an unrecognized command-line argument. Here
+    stdlib configparser reads the file, which gives the file name and line of
+    a syntax error; values are taken verbatim, as from the environment.
+    """
+
+    def __init__(self, section: str) -> None:
+        super().__init__()
+        self.section = section
+        self.owner: configargparse.ArgumentParser | None = None  # set once the parser exists
+        self.warnings: list[str] = []  # for the program to log once logging is set up
+
+    def get_syntax_description(self) -> str:
+        return (f"ini: a [{self.section}] section of 'key = value' lines, keys being the long options; "
+                "lists are written [A, B]")
+
+    def _keys(self) -> dict[str, argparse.Action]:
+        """Each key a file may set: the long options, minus --config and --help."""
+        return {
+            key: action
+            for action in self.owner._actions
+            if not getattr(action, "is_config_file_arg", False) and not isinstance(action, argparse._HelpAction)
+            for key in self.owner.get_possible_config_keys(action)
+        }
+
+    def parse(self, stream) -> dict[str, str | list[str]]:
+        name = getattr(stream, "name", "config file")
+        # default_section="" can never match a header, so [DEFAULT] is just
+        # another unknown section; no interpolation, so '%' is kept as typed.
+        ini = configparser.ConfigParser(interpolation=None, default_section="")
+        try:
+            ini.read_string(stream.read(), source=name)
+        except configparser.MissingSectionHeaderError as exc:
+            raise configargparse.ConfigFileParserException(
+                f"{name}: line {exc.lineno}: a setting before any [server] or [client] section") from None
+        except configparser.ParsingError as exc:
+            # Not exc's own text: it quotes the line, which may hold a secret.
+            lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+            raise configargparse.ConfigFileParserException(
+                f"{name}: line {lines}: not a 'key = value' line") from None
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            raise configargparse.ConfigFileParserException(f"invalid config file {name}: {exc}") from None
+        found = ini.sections()
+        unknown = [s for s in found if s not in SECTIONS]
+        if unknown:
+            listed = ", ".join(f"[{s}]" for s in found)
+            raise configargparse.ConfigFileParserException(
+                f"{name}: unknown section [{unknown[0]}] (sections found: {listed}; "
+                f"allowed: [server], [client])")
+        if self.section not in found:
+            self.warnings.append(f"config file {name} has no [{self.section}] section; nothing in it applies")
+            return {}
+        keys = self._keys()
+        items: dict[str, str | list[str]] = {}
+        for key, value in ini.items(self.section):
+            action = keys.get(key)
+            if action is None:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: unknown key '{key}' in section [{self.section}]")
+            if "\n" in value:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: [{self.section}] {key}: a value must fit on one line (lists are [A, B])")
+            items[key] = split_list(value) if isinstance(action, argparse._AppendAction) else value
+            self._check(name, key, action, items[key])
+        return items
+
+    def _check(self, name: str, key: str, action: argparse.Action, value: str | list[str]) -> None:
+        """Type-check here, where the file is known: argparse would blame a flag nobody typed."""
+        if isinstance(action, argparse._StoreTrueAction) and value.lower() not in SWITCH_WORDS:
+            raise configargparse.ConfigFileParserException(
+                f"{name}: [{self.section}] {key}: expected true or false, got {value!r}")
+        if action.type is None:
+            return
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                action.type(item)
+            except argparse.ArgumentTypeError as exc:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: [{self.section}] {key}: {exc}") from None
 
 
 def _parser(section: str, description: str) -> OneLineParser:
+    section_parser = SectionParser(section)
     parser = OneLineParser(
         prog=f"broadcast-{section}",
         description=description,
-        config_file_parser_class=_section_parser(section),
+        config_file_parser_class=section_parser,
         auto_env_var_prefix=ENV_PREFIX,
-        args_for_setting_config_path=["--config"],
-        config_arg_help_message=f"ini file whose [{section}] section sets any long option",
     )
+    section_parser.owner = parser
+    parser.section_parser = section_parser
+    # Declared here rather than with args_for_setting_config_path, which gives
+    # it no environment variable: BROADCAST_CONFIG would be ignored.
+    parser.add_argument("--config", dest="config_file", is_config_file_arg=True, env_var=CONFIG_ENV,
+                        metavar="FILE", help=f"ini file whose [{section}] section sets any long option")
     return parser
 
 
 def server_parser() -> OneLineParser:
     p = _parser("server", "WebSocket broadcast server: every message reaches every client.")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on: an IPv4 or IPv6 address ('::' is dual-stack where the OS allows); "
+                        "a name binds its IPv4 address, so localhost is 127.0.0.1 (default %(default)s)")
     p.add_argument("--port", type=port, default=8080, help="TCP port; 0 picks a free one (default %(default)s)")
     p.add_argument("--max-message-size", type=size, default=1 * MIB, metavar="BYTES",
-                   help="largest message accepted; bigger ones close with 1009 (default %(default)s)")
-    p.add_argument("--send-queue-bytes", type=size, default=4 * MIB, metavar="BYTES",
-                   help="unsent bytes a client may fall behind before it is evicted with 1008 (default %(default)s)")
+                   help="largest message accepted; bigger ones close with 1009; 0 means unlimited (default %(default)s)")
+    p.add_argument("--send-queue-bytes", type=positive_size, default=4 * MIB, metavar="BYTES",
+                   help="unsent bytes a client may be behind when a message arrives before it is evicted with "
+                        "1008; a message is always admitted within it; 0 is refused (default %(default)s)")
     p.add_argument("--write-timeout", type=seconds, default=10.0, metavar="SECONDS",
-                   help="a client whose socket accepts nothing for this long is evicted (default %(default)s)")
+                   help="a client whose socket accepts nothing for this long is evicted; 0 disables "
+                        "(default %(default)s)")
     p.add_argument("--ping-interval", type=seconds, default=20.0, metavar="SECONDS",
                    help="keepalive ping period; 0 disables keepalive (default %(default)s)")
     p.add_argument("--ping-timeout", type=seconds, default=20.0, metavar="SECONDS",
                    help="a ping unanswered this long drops the client; 0 disables (default %(default)s)")
-    p.add_argument("--max-connections", type=count, default=10000,
-                   help="open connections beyond this get HTTP 503 (default %(default)s)")
+    p.add_argument("--max-connections", type=positive_count, default=10000,
+                   help="open connections beyond this get HTTP 503; 0 is refused (default %(default)s)")
     p.add_argument("--open-timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="a client must finish its opening handshake within this; 0 waits forever (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0, metavar="SECONDS",
-                   help="how long SIGINT/SIGTERM waits for clients to close (default %(default)s)")
+                   help="how long SIGINT/SIGTERM waits for clients to close; 0 drops them at once "
+                        "(default %(default)s)")
     p.add_argument("--log-level", type=_log_level, default="INFO", help="(default %(default)s)")
     security = p.add_argument_group("security")
     security.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
@@ -138,11 +253,13 @@ def server_parser() -> OneLineParser:
     security.add_argument("--certfile", default=None, help="PEM certificate chain: serve wss:// instead of ws://")
     security.add_argument("--keyfile", default=None, help="PEM private key, if not inside --certfile")
     security.add_argument("--rate-limit", type=seconds, default=0.0, metavar="MSGS_PER_SEC",
-                          help="messages a client may send per second on average; over it, close 1008 (default off)")
-    security.add_argument("--rate-burst", type=count, default=None, metavar="MSGS",
-                          help="messages a client may send at once under --rate-limit (default: one second's worth)")
+                          help="messages a client may send per second on average; over it, close 1008; "
+                               "0 means off (default off)")
+    security.add_argument("--rate-burst", type=positive_count, default=None, metavar="MSGS",
+                          help="messages a client may send at once under --rate-limit; 0 is refused "
+                               "(default: one second's worth)")
     security.add_argument("--max-connections-per-ip", type=count, default=0,
-                          help="connections one address may hold; past it HTTP 429 (default off)")
+                          help="connections one address may hold; past it HTTP 429; 0 means off (default off)")
     security.add_argument("--require-username", action="store_true",
                           help="refuse anonymous clients, who could otherwise type '[Bob] hi' and pass as Bob")
     nodes = p.add_argument_group("several servers")
@@ -168,9 +285,16 @@ def client_parser() -> OneLineParser:
     return p
 
 
+def _parse(parser: OneLineParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, keeping the file's warnings in ``config_warnings`` for the program to report."""
+    config = parser.parse_args(argv)
+    config.config_warnings = parser.section_parser.warnings
+    return config
+
+
 def parse_server_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = server_parser()
-    config = parser.parse_args(argv)
+    config = _parse(parser, argv)
     if config.keyfile and not config.certfile:
         parser.error("--keyfile needs --certfile")
     if config.rate_burst is None:
@@ -179,4 +303,9 @@ def parse_server_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_client_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return client_parser().parse_args(argv)
+    """The client has no log: a file's warning is printed, as its other messages are."""
+    parser = client_parser()
+    config = _parse(parser, argv)
+    for warning in config.config_warnings:
+        sys.stderr.write(f"{parser.prog}: warning: {warning}\n")
+    return config

@@ -61,14 +61,17 @@ class Outbox:
     def put(self, frame: bytes) -> bool:
         """Queue one data frame; False when the client is too far behind.
 
-        On overflow the backlog is dropped at once, so an evicted client
-        holds no memory while its close frame waits to go out.
+        Admit-then-bound: a frame is refused only to a client already more
+        than ``limit`` behind when it arrives, so any message the server
+        accepts fits, whatever the limit, and an outbox holds at most
+        ``limit`` plus one frame. On overflow the backlog is dropped at once,
+        so an evicted client holds no memory while its close frame waits.
         """
         with self.lock:
             if self.closing:
                 return True
             queued = self.queued + len(frame)
-            if queued + len(self.head) > self.limit:
+            if self.queued + len(self.head) > self.limit:
                 self.closing = True
                 self.chunks.clear()
                 self.queued = 0

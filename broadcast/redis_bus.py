@@ -33,6 +33,7 @@ from redis.retry import Retry
 from websockets.frames import Opcode
 
 from .bus import encode
+from .redact import redact_url
 
 log = logging.getLogger("broadcast.redis")
 
@@ -65,7 +66,7 @@ class RedisUnavailable(Exception):
 class RedisBus:
     def __init__(self, hub, url: str, channel: str, node_id: str) -> None:
         self._hub = hub
-        self.url = url
+        self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.channel = channel
         self.node_id = node_id
         self.state = "reconnecting"  # then "ok"; read by /healthz

@@ -7,6 +7,7 @@ deadlines. The main thread only waits for SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -77,14 +78,34 @@ class Server:
     # Lifecycle (main thread).
 
     def listen(self) -> None:
-        """Bind and listen; raises OSError (port in use, bad host)."""
+        """Bind and listen; raises OSError (port in use, bad host).
+
+        An IPv6 literal listens on IPv6, ``::`` on IPv4 too where the OS
+        allows; anything else (a name included) binds IPv4, as before.
+        """
+        host = self.config.host
+        ipv6 = _is_ipv6(host)
         listener = socket.create_server(
-            (self.config.host, self.config.port), backlog=LISTEN_BACKLOG
+            (host, self.config.port), backlog=LISTEN_BACKLOG,
+            family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+            dualstack_ipv6=ipv6 and ipaddress.ip_address(host).is_unspecified and socket.has_dualstack_ipv6(),
         )
         self._listener = listener
         self.address = listener.getsockname()[:2]
-        scheme = "wss" if self.tls else "ws"
-        log.info("listening on %s://%s:%d%s", scheme, *self.address, handshake.WS_PATH)
+        bound = f"[{self.address[0]}]" if ipv6 else self.address[0]
+        url = f"{'wss' if self.tls else 'ws'}://{bound}:{self.address[1]}{handshake.WS_PATH}"
+        log.info("listening on %s", url)
+        self._log_exposure(url)
+
+    def _log_exposure(self, url: str) -> None:
+        """Say in one line who can reach this node, and warn when that is anyone, in clear."""
+        c = self.config
+        origins = ", ".join(c.allowed_origin) if c.allowed_origin else "any origin"
+        log.info("exposure: %s, TLS %s, token %s, origins: %s",
+                 url, "on" if self.tls else "off", "on" if c.token else "off", origins)
+        if not ipaddress.ip_address(self.address[0]).is_loopback and not (self.tls or c.token):
+            log.warning("listening beyond loopback with neither --token nor TLS: "
+                        "anyone who can reach %s can join and read every message", url)
 
     def start(self) -> None:
         threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
@@ -197,7 +218,9 @@ class Server:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
         state = self.bus.state
         body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
-        response = protocol.reject(503 if state == "reconnecting" else 200, json.dumps(body) + "\n")
+        # This request counts as a connection, so it sees "full" exactly when a client would.
+        full = len(self._conns) > self.config.max_connections
+        response = protocol.reject(503 if state == "reconnecting" or full else 200, json.dumps(body) + "\n")
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response
@@ -231,6 +254,13 @@ class Server:
         self.bus.publish(opcode, payload)
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False  # a name: bound as IPv4
+
+
 def _raise_open_file_limit() -> None:
     """Each client is a file descriptor; take all the kernel allows us."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     logsafe.install()
     # websockets logs every open and close at INFO; ours already does, once.
     logging.getLogger("broadcast.wire").setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
+    for warning in config.config_warnings:
+        log.warning("%s", warning)
     _raise_open_file_limit()
     threading.stack_size(THREAD_STACK_BYTES)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on wss?://([0-9.]+):(\d+)/ws")
+LISTENING = re.compile(r"listening on wss?://([0-9.]+|\[[0-9a-f:.]+\]):(\d+)/ws")  # IPv6 in brackets
 START_TIMEOUT_S = 10.0
 
 
