@@ -18,6 +18,7 @@ signal can land while the client is closing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import io
 import json
@@ -25,6 +26,7 @@ import os
 import signal
 import ssl
 import sys
+import termios
 import threading
 import time
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -214,12 +216,14 @@ class Session:
             if self.listen_only:
                 self.reader_done.wait()
             elif self.interactive and self.to_terminal:
-                with patch_stdout(raw=True):
+                with _typeahead_unechoed(), patch_stdout(raw=True):
+                    self._note(self._connected_line())
+                    self._send_input()
+            elif self.interactive:
+                with _typeahead_unechoed():
                     self._note(self._connected_line())
                     self._send_input()
             else:
-                if self.interactive:
-                    self._note(self._connected_line())
                 self._send_input()
         except KeyboardInterrupt:
             pass  # the user's Ctrl+C, or the reader saying the session is over
@@ -396,6 +400,26 @@ class Session:
         self.ws.close()
         self.reader_done.wait(CLOSE_TIMEOUT_S)
         return 0 if self.closing else self.status
+
+
+@contextlib.contextmanager
+def _typeahead_unechoed():
+    """No echo from the terminal between two prompts.
+
+    The prompt puts the terminal in raw mode only while it reads a line, and
+    gives it back as it found it: keys typed while a line is sent would be
+    echoed by the terminal itself, in the middle of the screen, and then
+    again by the next prompt.
+    """
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _tls_context(args) -> ssl.SSLContext:

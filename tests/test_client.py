@@ -11,10 +11,14 @@ from __future__ import annotations
 import io
 import os
 import queue
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
+from broadcast.client import CONTINUATION_INDENT as CONTINUATION
 from broadcast.client import server_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -457,3 +462,201 @@ def test_piped_output_keeps_messages_byte_for_byte(server, piped, observer):
     assert client.stdout.expect("tab") == "tab\there \x1b[1mbold"
     client.proc.stdin.close()
     assert client.wait() == 0
+
+
+# At a real terminal: tmux keeps the screen, so a test can read what a user
+# sees, and where the cursor is.
+
+POLL_S = 0.05  # between looks at the screen
+SCREEN_WAIT_S = 10.0  # for any one screen condition
+COLUMNS, ROWS = 100, 25
+
+
+class Tmux:
+    """One client in its own tmux server, in a COLUMNS x ROWS window."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        # A socket path must be short; pytest's tmp_path can be too long for one.
+        self.dir = tempfile.mkdtemp(prefix="bc-tmux-")
+        self.socket = os.path.join(self.dir, "sock")
+        conf = os.path.join(self.dir, "conf")
+        with open(conf, "w") as f:
+            # The pane outlives the client, so its exit status and last screen can be read.
+            f.write("set -g remain-on-exit on\nset -g history-limit 5000\n")
+        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in {"TERM": "xterm-256color", **env}.items())
+        self.tmux("-f", conf, "new-session", "-d", "-x", str(COLUMNS), "-y", str(ROWS),
+                  f"cd {shlex.quote(str(ROOT))} && exec env {UNSET_BROADCAST} {assigns} {command}")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], check=True, capture_output=True,
+                              text=True, timeout=WAIT).stdout
+
+    def screen(self, history: bool = False, escapes: bool = False) -> list[str]:
+        args = ["capture-pane", "-p"] + (["-S", "-"] if history else []) + (["-e"] if escapes else [])
+        return self.tmux(*args).removesuffix("\n").split("\n")
+
+    def cursor(self) -> tuple[int, int]:
+        x, y = self.tmux("display", "-p", "#{cursor_x},#{cursor_y}").split(",")
+        return int(x), int(y)
+
+    def type(self, text: str) -> None:
+        self.tmux("send-keys", "-l", text)
+
+    def keys(self, *names: str) -> None:
+        self.tmux("send-keys", *names)
+
+    def wait(self, condition, what: str):
+        """Poll the screen until ``condition(self)`` is true; return its value."""
+        deadline = time.monotonic() + SCREEN_WAIT_S
+        while not (value := condition(self)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never showed {what}:\n" + "\n".join(self.screen()))
+            time.sleep(POLL_S)
+        return value
+
+    def wait_text(self, text: str) -> None:
+        self.wait(lambda t: any(text in row for row in t.screen()), repr(text))
+
+    def exit_status(self) -> int:
+        self.wait(lambda t: t.tmux("display", "-p", "#{pane_dead}").strip() == "1", "the client exit")
+        return int(self.tmux("display", "-p", "#{pane_dead_status}"))
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=WAIT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+UNSET_BROADCAST = " ".join(f"-u {k}" for k in os.environ if k.startswith("BROADCAST_"))
+
+
+@pytest.fixture
+def tmux():
+    """Start the client at a terminal: ``tmux("--addr", addr, env={...}, shell="| tee log")``."""
+    started: list[Tmux] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, shell: str = "") -> Tmux:
+        command = shlex.join([sys.executable, *CLIENT[1:], *args])
+        if shell:
+            command = f"sh -c {shlex.quote(command + ' ' + shell)}"
+        started.append(Tmux(command, env or {}))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.kill()
+
+
+def prompt_row(t: Tmux) -> str:
+    return t.screen()[t.cursor()[1]]
+
+
+def at_prompt(t: Tmux) -> bool:
+    return prompt_row(t) == ">" and t.cursor()[0] == len("> ")  # tmux trims the trailing space
+
+
+def test_left_then_a_message_then_typing_keeps_the_cursor(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    t.type("half typed line")
+    t.keys(*["Left"] * 5)
+    t.wait(lambda t: t.cursor()[0] == len("> half typed line") - 5, "the cursor 5 left")
+    observer.send("ping from observer")
+    t.wait_text("ping from observer")
+    t.wait(lambda t: prompt_row(t) == "> half typed line", "the typed line redrawn")
+    assert t.cursor()[0] == len("> half typed line") - 5
+    t.type("X")
+    t.wait(lambda t: prompt_row(t) == "> half typedX line", "the X where the cursor is")
+    t.keys("Enter")
+    assert receive_until(observer, "[Alice] half typedX line")[-1] == "[Alice] half typedX line"
+    t.wait_text("[Alice] half typedX line")
+    assert not any("lineX" in row for row in t.screen())
+
+
+def test_wide_input_is_redrawn_whole_while_messages_arrive(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    typed = "".join(chr(ord("a") + i % 26) for i in range(150))
+    for i in range(20):
+        t.type(typed[i * 8:(i + 1) * 8])
+        observer.send(f"message {i:02}")
+    t.type(typed[160:])
+    t.wait_text("message 19")
+    wrapped = ["> " + typed[:COLUMNS - 2], typed[COLUMNS - 2:]]
+    t.wait(lambda t: t.screen()[t.cursor()[1] - 1:t.cursor()[1] + 1] == wrapped, "the whole typed line")
+    screen = [row for row in t.screen(history=True) if row]
+    messages = [row for row in screen if row.startswith("message ")]
+    assert messages == [f"message {i:02}" for i in range(20)]
+    # Every row is a message, a line the client printed, or the input: no stale row.
+    input_rows = [row for row in screen if row not in messages and not row.startswith(("connected", "* "))]
+    assert input_rows == wrapped
+    t.keys("Enter")
+    assert receive_until(observer, f"[Alice] {typed}")[-1] == f"[Alice] {typed}"
+
+
+def test_many_typed_lines_while_messages_arrive_never_double_the_prompt(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    for i in range(200):
+        t.type(f"line {i:03}")
+        t.keys("Enter")
+        if i % 4 == 0:
+            observer.send(f"incoming {i:03}")
+    receive_until(observer, "[Alice] line 199", timeout=SCREEN_WAIT_S * 3)
+    t.wait_text("[Alice] line 199")
+    history = t.screen(history=True)
+    assert not [row for row in history if "> > " in row]
+    typed_rows = [row for row in history if row.startswith("> line ")]
+    assert typed_rows == [f"> line {i:03}" for i in range(200)], "\n".join(history[:60])
+
+
+def test_reverse_search_indicator_survives_a_message(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    t.type("the secret word")
+    t.keys("Enter")
+    t.wait_text("[Alice] the secret word")
+    t.keys("C-r")
+    t.type("secr")
+    t.wait_text("(reverse-i-search)`secr'")
+    observer.send("interrupting message")
+    t.wait_text("interrupting message")
+    t.wait_text("(reverse-i-search)`secr'")
+    t.keys("Enter")
+    t.keys("Enter")
+    assert receive_until(observer, "[Alice] the secret word")[-1] == "[Alice] the secret word"
+
+
+def test_display_multiline_colours_own_and_timestamps(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice", "--timestamps")
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    observer.send("first line\nsecond line\n")  # websocat ends every message with \n
+    t.wait_text("second line")
+    t.type("mine")
+    t.keys("Enter")
+    t.wait_text("[Alice] mine")
+    rows = t.screen()
+    first = next(i for i, row in enumerate(rows) if row.endswith("first line"))
+    assert re.fullmatch(r"\d\d:\d\d:\d\d first line", rows[first])
+    assert rows[first + 1] == CONTINUATION + "second line"  # indented; no \x0a, no empty line
+    assert not rows[first + 2].strip() or not rows[first + 2].startswith(" ")
+    coloured = t.screen(escapes=True)
+    own = next(row for row in coloured if "[Alice] mine" in row)
+    other = next(row for row in coloured if "first line" in row)
+    assert "\x1b[90m" in own  # dim: your own message
+    assert "\x1b[90m[Alice]" not in other and "first line" in other
+
+
+@pytest.mark.parametrize(("flags", "env"), [(["--no-color"], {}), ([], {"NO_COLOR": "1"})])
+def test_no_color_flag_and_environment(server, observer, tmux, flags, env):
+    t = tmux("--addr", server.addr, "--username", "Alice", *flags, env=env)
+    t.wait(at_prompt, "the prompt")
+    receive_until(observer, "* Alice joined")
+    observer.send("[Bob] plain please")
+    t.wait_text("plain please")
+    row = next(row for row in t.screen(escapes=True) if "plain please" in row)
+    assert row == "[Bob] plain please"
