@@ -660,3 +660,212 @@ def test_no_color_flag_and_environment(server, observer, tmux, flags, env):
     t.wait_text("plain please")
     row = next(row for row in t.screen(escapes=True) if "plain please" in row)
     assert row == "[Bob] plain please"
+
+
+def test_connect_line_at_a_terminal(server, observer, tmux):
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    assert t.screen()[0] == f"connected to {server.url} as Alice (2 online)"
+
+
+# Pipes, at a real terminal
+
+def test_tee_keeps_the_typed_line_on_screen_and_the_log_clean(server, observer, tmux, tmp_path):
+    log = tmp_path / "chat.log"
+    t = tmux("--addr", server.addr, "--username", "Alice", shell=f"| tee {shlex.quote(str(log))}")
+    t.wait(lambda t: any(row == ">" for row in t.screen()), "the prompt")
+    receive_until(observer, "* Alice joined")
+    t.type("still visible")
+    t.wait_text("> still visible")
+    observer.send("while typing")
+    t.wait_text("while typing")
+    t.wait_text("> still visible")
+    t.keys("Enter")
+    assert receive_until(observer, "[Alice] still visible")[-1] == "[Alice] still visible"
+    deadline = time.monotonic() + SCREEN_WAIT_S
+    while "[Alice] still visible\n" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    assert log.read_text() == "while typing\n[Alice] still visible\n"  # messages only
+
+
+def test_head_ends_the_client_quietly_with_a_close_frame(server, observer):
+    """`| head -1`: once head is gone, the next message ends the client with status 0."""
+    script = (f"{shlex.join([*CLIENT, '--addr', server.addr, '--username', 'Lee', '--listen-only'])}"
+              " | head -1; echo status=${PIPESTATUS[0]} >&2")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        receive_until(observer, "* Lee joined")
+        for i in range(50):  # head may still be reading the first: send until the client has gone
+            observer.send(f"message {i}")
+            try:
+                out, err = proc.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        proc.kill()
+    assert (out, err) == ("message 0\n", "status=0\n")
+    server.wait_for_log(r"disconnect .*Lee.*: closed by client: .*1000")
+
+
+def test_listen_only_stays_connected_without_input_until_sigterm(server, observer):
+    proc = subprocess.Popen([*CLIENT, "--addr", server.addr, "--username", "Ann", "--listen-only"], cwd=ROOT,
+                            env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out = Lines(proc.stdout)
+        receive_until(observer, "* Ann joined")
+        observer.send("for the log")
+        out.expect("for the log")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        receive_until(observer, "* Ann left")
+        assert proc.stderr.read() == ""
+    finally:
+        proc.kill()
+
+
+# Commands are local
+
+def test_help_and_quit_with_spaces_send_nothing(server, observer):
+    result = run_client("--addr", server.addr, "--username", "Bob", input="/help\n  /quit  \nnot sent\n")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert [line.split()[0] for line in result.stderr.splitlines()] == ["/help", "/who", "/quit", "//text"]
+    assert receive_until(observer, "* Bob left") == ["* Bob joined", "* Bob left"]
+
+
+def test_unknown_command_is_not_sent_and_double_slash_sends_one(server, observer):
+    result = run_client("--addr", server.addr, "--username", "Bob", input="/nope\n//slash\n")
+    assert (result.returncode, result.stdout) == (0, "[Bob] /slash\n")
+    assert result.stderr == "unknown command /nope; /help lists them\n"
+    assert receive_until(observer, "* Bob left") == ["* Bob joined", "[Bob] /slash", "* Bob left"]
+
+
+def test_who_gives_the_online_count(server, observer):
+    result = run_client("--addr", server.addr, input="/who\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "2 online\n")
+
+
+# Limits without hanging up
+
+def test_limits_are_advertised_in_the_handshake_response(start_server):
+    server = start_server("--max-message-size", "1000", "--rate-limit", "2.5", "--rate-burst", "4")
+    with connect(server.url, open_timeout=WAIT) as ws:
+        assert ws.response.headers["Broadcast-Limits"] == "max-message-size=1000; rate=2.5; burst=4"
+        assert ws.response.headers["Broadcast-Online"] == "1"
+
+
+def test_pipe_paces_itself_under_a_rate_limit(start_server):
+    server = start_server("--rate-limit", "4", "--rate-burst", "2")
+    lines = [f"line {i}" for i in range(8)]
+    result = run_client("--addr", server.addr, input="".join(f"{line}\n" for line in lines), timeout=20)
+    assert (result.returncode, result.stdout.splitlines(), result.stderr) == (0, lines, "")
+
+
+def test_a_line_over_the_limit_is_refused_at_the_prompt_and_the_session_goes_on(start_server, tmux):
+    server = start_server("--max-message-size", "100")
+    t = tmux("--addr", server.addr, "--username", "Alice")
+    t.wait(at_prompt, "the prompt")
+    t.type("y" * 150)
+    t.keys("Enter")
+    t.wait_text("not sent: the line is 150 bytes; the server takes at most 100")
+    t.type("short")
+    t.keys("Enter")
+    t.wait_text("[Alice] short")
+
+
+# Conventions
+
+def test_version_on_both_programs():
+    client = run_client("--version")
+    assert (client.returncode, client.stdout) == (0, "broadcast-client 0.1.0\n")
+    server = subprocess.run([sys.executable, "-m", "broadcast.server", "--version"], cwd=ROOT,
+                            env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=10)
+    assert (server.returncode, server.stdout) == (0, "broadcast-server 0.1.0\n")
+
+
+def test_python_dash_m_runs_both_programs(start_server):
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "broadcast.server", "--host", "127.0.0.1", "--port", "0"],
+                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        port = next(m for line in server.stderr if (m := re.search(r"listening on ws://[0-9.]+:(\d+)", line)))[1]
+        client = subprocess.run([sys.executable, "-m", "broadcast.client", "--addr", f"127.0.0.1:{port}",
+                                 "--username", "Mo"], cwd=ROOT, env=env, input="hi\n", capture_output=True,
+                                text=True, timeout=10)
+        assert (client.returncode, client.stdout, client.stderr) == (0, "[Mo] hi\n", "")
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_refusals_say_which_flag_to_use(start_server):
+    named = start_server("--require-username")
+    result = run_client("--addr", named.addr)
+    assert result.returncode == 1 and result.stderr.endswith("; use --username NAME\n")
+    locked = start_server("--token", "s3cret")
+    result = run_client("--addr", locked.addr)
+    assert result.returncode == 1 and result.stderr.endswith("; use --token TOKEN\n")
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain = tmp_path / "server.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(chain)
+    cert_only = tmp_path / "cert.pem"
+    cert.cert_chain_pems[0].write_to_path(cert_only)
+    return SimpleNamespace(chain=chain, cert_only=cert_only)
+
+
+def test_ws_to_a_tls_server_hints_at_wss(start_server, tls_files):
+    server = start_server("--certfile", str(tls_files.chain))
+    result = run_client("--addr", server.addr)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "use wss://" in result.stderr
+
+
+def test_insecure_skips_verification_with_a_warning(start_server, tls_files):
+    server = start_server("--certfile", str(tls_files.chain))
+    result = run_client("--addr", f"wss://{server.addr}", "--insecure", "--username", "Ivy", input="hi\n")
+    assert (result.returncode, result.stdout) == (0, "[Ivy] hi\n")
+    assert result.stderr == "broadcast-client: warning: --insecure: the server's certificate is not checked\n"
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"])
+def test_bad_ca_file_is_a_configuration_error(tmp_path, content):
+    ca_file = tmp_path / "ca.pem"
+    if content is not None:
+        ca_file.write_text(content)
+    result = run_client("--addr", "wss://127.0.0.1:9", "--ca-file", str(ca_file))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and str(ca_file) in result.stderr
+
+
+def test_certificate_without_a_key_says_pass_keyfile(start_server, tls_files):
+    server = start_server("--certfile", str(tls_files.cert_only), expect_listening=False)
+    assert server.wait_exit() == 2
+    assert f"no private key in {tls_files.cert_only}; pass --keyfile" in server.log
+
+
+def test_header_and_origin_flags_reach_the_server():
+    seen: queue.Queue = queue.Queue()
+
+    def handler(ws) -> None:
+        seen.put(ws.request.headers)
+
+    with serve(handler, "127.0.0.1", 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        run_client("--addr", f"127.0.0.1:{srv.socket.getsockname()[1]}", "--header", "X-Team: blue",
+                   "--header", "X-Room:1", "--origin", "https://chat.example")
+        headers = seen.get(timeout=WAIT)
+        srv.shutdown()
+    assert (headers["X-Team"], headers["X-Room"], headers["Origin"]) == ("blue", "1", "https://chat.example")
+
+
+def test_header_without_a_colon_is_a_usage_error():
+    result = run_client("--header", "nocolon")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nocolon" in result.stderr
