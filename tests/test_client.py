@@ -9,6 +9,7 @@ that records the close frame it receives.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import queue
 import re
@@ -30,6 +31,8 @@ import trustme
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
+
+from rawws import accept_for, build_frame, close_payload
 
 from broadcast.client import CONTINUATION_INDENT as CONTINUATION
 from broadcast.client import server_url
@@ -869,3 +872,166 @@ def test_header_and_origin_flags_reach_the_server():
 def test_header_without_a_colon_is_a_usage_error():
     result = run_client("--header", "nocolon")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nocolon" in result.stderr
+
+
+# Against a hostile server: a raw socket server in the test, on 127.0.0.1.
+
+HOSTILE_BYTES = 200 * 1024 * 1024  # what a hostile server offers: far past any limit of the client's
+CHUNK_BYTES = 1024 * 1024  # sent at once
+# The client's peak resident memory must stay under this while all of that
+# comes at it: what it needs to run, plus its 4 MiB message limit, with room.
+RSS_BOUND_KIB = 120 * 1024
+TERMINAL_GRABS = "\x1b]0;pwned\x07\x1b[31mred"  # retitle the window, turn the text red
+
+
+class HostileServer:
+    """Answers one client with ``behave(sock)``; the client hanging up on it is what tests want."""
+
+    def __init__(self, behave) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, args=(behave,), daemon=True).start()
+
+    def _serve(self, behave) -> None:
+        self.listener.settimeout(WAIT)
+        try:
+            sock, _ = self.listener.accept()
+            with sock:
+                behave(self, sock)
+        except OSError:
+            pass
+        finally:
+            self.listener.close()
+            self.done.set()
+
+    def request_key(self, sock) -> str:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += sock.recv(4096)
+        return re.search(rb"Sec-WebSocket-Key: *(\S+)", request, re.I)[1].decode()
+
+    def accept(self, sock) -> None:
+        key = self.request_key(sock)
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode())
+
+    def pour(self, sock, chunk: bytes) -> None:
+        """Send ``chunk`` again and again, up to HOSTILE_BYTES, until the client hangs up."""
+        while self.sent < HOSTILE_BYTES:
+            sock.sendall(chunk)
+            self.sent += len(chunk)
+
+
+def run_against(server: HostileServer, *args: str, timeout: float = 30) -> SimpleNamespace:
+    """Run the client in listen-only mode; its status, its stderr, and its peak RSS from the kernel."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([*CLIENT, "--addr", server.addr, "--listen-only", *args], cwd=ROOT, env=ENV,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        timer = threading.Timer(timeout, proc.kill)  # a client that waits forever fails, not hangs
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return SimpleNamespace(status=proc.returncode, stderr=err.read(), max_rss_kib=usage.ru_maxrss)
+
+
+def test_trickled_handshake_is_bounded_by_the_connect_timeout():
+    def trickle(server, sock) -> None:
+        server.request_key(sock)
+        for byte in itertools.cycle(b"HTTP/1.1 101 Switching Protocols\r\nX-Slow: y\r\n"):
+            if server.sent > 600:  # 2 minutes of it: far past the client's 2 s
+                return
+            sock.sendall(bytes([byte]))
+            server.sent += 1
+            time.sleep(0.2)
+
+    server = HostileServer(trickle)
+    result = run_against(server, "--connect-timeout", "2")
+    assert result.status == 1
+    assert result.stderr == f"broadcast-client: cannot connect to ws://{server.addr}/ws: timed out\n"
+    assert server.sent < 600
+
+
+@pytest.mark.parametrize("header", [b"X-Pad: " + b"a" * (CHUNK_BYTES - 9) + b"\r\n",  # one endless line
+                                    b"X-Pad: aaaa\r\n" * (CHUNK_BYTES // 13)],  # endless lines
+                         ids=["one-line", "many-lines"])
+def test_huge_response_headers_cost_one_line_and_flat_memory(header):
+    def huge(server, sock) -> None:
+        server.request_key(sock)
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\n")
+        server.pour(sock, header)
+
+    server = HostileServer(huge)
+    result = run_against(server)
+    assert result.status == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("broadcast-client: cannot connect")
+    assert result.max_rss_kib < RSS_BOUND_KIB
+
+
+def test_refusal_body_cannot_drive_the_terminal():
+    def refuse(server, sock) -> None:
+        server.request_key(sock)
+        body = f"go away {TERMINAL_GRABS}".encode()
+        sock.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    result = run_against(HostileServer(refuse))
+    assert result.status == 1
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "go away \\x1b]0;pwned\\x07\\x1b[31mred" in result.stderr
+
+
+def test_close_reason_cannot_drive_the_terminal():
+    def close(server, sock) -> None:
+        server.accept(sock)
+        sock.sendall(build_frame(0x8, close_payload(4000, TERMINAL_GRABS), mask=False))
+        sock.recv(1024)
+
+    result = run_against(HostileServer(close))
+    assert result.status == 1
+    assert result.stderr == "connection closed by server: 4000 unknown code (\\x1b]0;pwned\\x07\\x1b[31mred)\n"
+
+
+def test_a_200_mb_message_is_refused_with_flat_memory():
+    def big(server, sock) -> None:
+        server.accept(sock)
+        sock.sendall(build_frame(0x1, b"", length=HOSTILE_BYTES, mask=False))
+        server.pour(sock, b"a" * CHUNK_BYTES)
+
+    server = HostileServer(big)
+    result = run_against(server)
+    assert result.status == 1
+    assert result.stderr == ("connection closed: the server sent a message over --max-message-size "
+                             f"({4 * 1024 * 1024} bytes)\n")
+    assert result.max_rss_kib < RSS_BOUND_KIB
+
+
+def test_an_endless_fragmented_message_is_refused_with_flat_memory():
+    def endless(server, sock) -> None:
+        server.accept(sock)
+        sock.sendall(build_frame(0x1, b"a" * 1024, fin=False, mask=False))
+        server.pour(sock, build_frame(0x0, b"a" * (64 * 1024), fin=False, mask=False) * 16)
+
+    server = HostileServer(endless)
+    result = run_against(server, "--max-message-size", "1000000")
+    assert result.status == 1
+    assert result.stderr == ("connection closed: the server sent a message over --max-message-size "
+                             "(1000000 bytes)\n")
+    assert result.max_rss_kib < RSS_BOUND_KIB
+
+
+def test_an_error_line_is_bounded_in_length():
+    def invalid(server, sock) -> None:
+        server.accept(sock)
+        sock.sendall(build_frame(0x1, b"\xff" * CHUNK_BYTES, mask=False))
+        sock.recv(1024)
+
+    result = run_against(HostileServer(invalid))
+    assert result.status == 1
+    assert result.stderr.count("\n") == 1 and len(result.stderr) < 300, result.stderr
+    assert result.stderr.startswith("connection closed: the server broke the protocol: 1007")
