@@ -869,6 +869,14 @@ def test_header_and_origin_flags_reach_the_server():
     assert (headers["X-Team"], headers["X-Room"], headers["Origin"]) == ("blue", "1", "https://chat.example")
 
 
+def test_a_token_in_the_address_is_never_printed(start_server):
+    server = start_server("--token", "s3cret")
+    result = run_client("--addr", f"ws://{server.addr}/ws?token=wr0ngT0ken", "--username", "Bob")
+    assert result.returncode == 1
+    assert "HTTP 401" in result.stderr and "wr0ngT0ken" not in result.stderr
+    assert f"ws://{server.addr}/ws?username=Bob rejected" in result.stderr
+
+
 def test_header_without_a_colon_is_a_usage_error():
     result = run_client("--header", "nocolon")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nocolon" in result.stderr
