@@ -215,12 +215,10 @@ class Session:
             threading.Thread(target=self._read, name="reader", daemon=True).start()
             if self.listen_only:
                 self.reader_done.wait()
-            elif self.interactive and self.to_terminal:
-                with _typeahead_unechoed(), patch_stdout(raw=True):
-                    self._note(self._connected_line())
-                    self._send_input()
             elif self.interactive:
-                with _typeahead_unechoed():
+                # Under `| tee log` nothing prints above the prompt: it is on stderr.
+                printing = patch_stdout(raw=True) if self.to_terminal else contextlib.nullcontext()
+                with _typeahead_unechoed(), printing:
                     self._note(self._connected_line())
                     self._send_input()
             else:
@@ -234,7 +232,7 @@ class Session:
 
     def _connected_line(self) -> str:
         who = f" as {self.args.username}" if self.args.username is not None else ""
-        online = f" ({self.limits.online} online)" if self.limits.online else ""
+        online = f" ({_bounded(self.limits.online)} online)" if self.limits.online else ""
         return f"connected to {_shown_address(server_url(self.args.addr, None))}{who}{online}"
 
     def _lines(self):
