@@ -1,53 +1,100 @@
 """Interactive chat client for a broadcast server.
 
 Two threads share one WebSocket: the main thread reads what the user types (or
-what is piped in) and sends it; a reader thread prints what arrives. The main
-thread spends its life blocked in ``input()`` or a read of stdin, which nothing
-but a signal interrupts, so when the server goes away the reader thread
-records why and sends SIGINT to the main thread until it stops reading input.
-A SIGINT handler that raises KeyboardInterrupt once, and then ignores SIGINT,
-gives the user's Ctrl+C and the reader's signal one single path out, and no
-second signal can land while the client is closing.
+what is piped in) and sends it; a reader thread shows what arrives. At a
+terminal the main thread sits in prompt_toolkit's prompt, and the reader
+prints through ``patch_stdout``, which hands each line to the prompt's event
+loop to print above the prompt and redraw it whole: the typed text, the
+cursor and a reverse search survive every message.
+
+The main thread spends its life blocked reading input, which nothing but a
+signal interrupts, so when the server goes away the reader thread records why
+and sends SIGINT to the main thread until it stops reading input. A SIGINT
+handler that raises KeyboardInterrupt once, and then ignores SIGINT, gives the
+user's Ctrl+C and the reader's signal one single path out, and no second
+signal can land while the client is closing.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import http.client
+import io
+import json
+import os
 import signal
-import struct
+import ssl
 import sys
+import termios
 import threading
+import time
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import websocket
+from prompt_toolkit import PromptSession
+from prompt_toolkit.data_structures import Size
+from prompt_toolkit.output import ColorDepth, create_output
+from prompt_toolkit.output.vt100 import Vt100_Output
+from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.renderer import print_formatted_text as render_fragments
+from prompt_toolkit.styles import Style
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
+from websockets.sync.client import connect
 
 from broadcast.config import parse_client_args
 from broadcast.redact import redact_url
+from broadcast.limits import LIMITS_HEADER, ONLINE_HEADER, TokenBucket, parse_limits_header
 
 PROG = "broadcast-client"
 PROMPT = "> "
 WS_PATH = "/ws"
-CONNECT_TIMEOUT = 10.0  # seconds to resolve, connect and finish the handshake
-CLOSE_TIMEOUT = 2.0  # seconds to wait for the server's reply to our close frame
-SIGNAL_REPEAT = 0.2  # seconds between SIGINTs until the main thread stops reading input
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 8080  # the server's default --port
+CLOSE_TIMEOUT_S = 2.0  # to wait for the server's reply to our close frame
+SIGNAL_REPEAT_S = 0.2  # between SIGINTs until the main thread stops reading input
+WHO_TIMEOUT_S = 5.0  # for /who's question to the server's /healthz
+WHO_BODY_BYTES = 4096  # /healthz answers a few dozen bytes; a hostile server gets no more read
 CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
-CLEAR_LINE = "\r\x1b[2K"
+# Whatever a server says in an error or a close reason is cut to this, so a
+# hostile one cannot fill the screen with a single line.
+ERROR_TEXT_CHARS = 200
+CONTINUATION_INDENT = "  "  # marks the second and later lines of one message
+# The server's clock starts when our message arrives, not when we sent it, so
+# two sends can land closer than we spaced them: pace a tenth slower, with one
+# message less of burst.
+PACE_RATE_FACTOR = 0.9
 # Other people's messages reach a terminal: escape sequences in them could
 # move the cursor, retitle the window or hide text, so control characters
 # (C0 but tab, DEL, C1) are shown as \xNN instead.
 _VISIBLE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x09}
+STYLE = Style.from_dict({
+    "own": "ansibrightblack",  # what you sent, as the server echoes it
+    "name": "bold ansicyan",  # [Name] before someone else's message
+    "system": "ansiyellow",  # * Name joined / left
+    "time": "ansibrightblack",
+})
+COMMANDS = {
+    "/help": "list the commands",
+    "/who": "how many are in the room",
+    "/quit": "leave (so do Ctrl+D and Ctrl+C)",
+    "//text": "send /text",
+}
 
 
 def server_url(addr: str, username: str | None) -> str:
     """The WebSocket URL for ``--addr`` and ``--username``; ValueError if unusable.
 
     Checking host and port here turns a bad address into a usage error
-    instead of a connection failure deep inside websocket-client.
+    instead of a connection failure deep inside the WebSocket library.
+    A bare HOST or :PORT fills in the rest from the server's defaults.
     """
     scheme, sep, _ = addr.partition("://")
     if not sep:
-        addr = "ws://" + addr
+        host, colon, port = addr.rpartition(":")
+        if not colon or "]" in port:  # no port, or the end of a bare [IPv6] address
+            host, port = addr, str(DEFAULT_PORT)
+        addr = f"ws://{host or DEFAULT_HOST}:{port}"
     elif scheme.lower() not in ("ws", "wss"):
         raise ValueError(f"scheme must be ws or wss, not {scheme}")
     parts = urlsplit(addr)
@@ -62,154 +109,268 @@ def server_url(addr: str, username: str | None) -> str:
     return urlunsplit((parts.scheme.lower(), parts.netloc, path, query, ""))
 
 
-class _WebSocket(websocket.WebSocket):
-    """A WebSocket that sends at most one close frame and never fails doing so.
-
-    websocket-client answers every close frame it receives with one of its
-    own, even when ours went first; and a server that hangs up right after
-    its close frame would turn that answer into an error hiding the reason
-    the server gave.
-    """
-
-    def send_close(self, status: int = websocket.STATUS_NORMAL, reason: bytes | str = b"") -> None:
-        if not self.connected:
-            return
-        try:
-            super().send_close(status, reason)
-        except (websocket.WebSocketException, OSError):
-            pass
+def _bounded(text: str) -> str:
+    """Server-sent text fit for an error line: escaped, on one line, and short."""
+    text = text.translate(_VISIBLE)
+    return text if len(text) <= ERROR_TEXT_CHARS else text[:ERROR_TEXT_CHARS] + "..."
 
 
 def _interrupt_once(signum, frame):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, websocket.WebSocketConnectionClosedException):
-        return "the server hung up without a close frame"
-    if isinstance(exc, websocket.WebSocketAddressException) and exc.args:
-        exc = exc.args[0]  # the socket.gaierror websocket-client wraps
-    if isinstance(exc, websocket.WebSocketTimeoutException):
+    if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, InvalidMessage) and exc.__cause__ is not None:
+        exc = exc.__cause__  # why the response was not valid HTTP: too long, too many headers, EOF
+        if isinstance(exc, EOFError):
+            return "the server hung up during the handshake"
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text[:1].lower() + text[1:]
+    return _bounded(text[:1].lower() + text[1:])
 
 
-def _close_reason(payload: bytes) -> tuple[int, str]:
-    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-    why = f"{code} {CLOSE_CODE_EXPLANATIONS.get(code, 'unknown code')}"
-    reason = payload[2:].decode("utf-8", "replace")
-    return code, f"{why} ({reason})" if reason else why
+def _ended(exc: ConnectionClosed, max_size: int) -> tuple[int, str]:
+    """The exit status and the one line that tell how the connection ended."""
+    if exc.rcvd is not None:
+        code, reason = exc.rcvd.code, exc.rcvd.reason
+        why = f"{code} {CLOSE_CODE_EXPLANATIONS.get(code, 'unknown code')}"
+        status = 0 if code in CLEAN_CLOSE_CODES else 1
+        return status, f"connection closed by server: {why}" + (f" ({_bounded(reason)})" if reason else "")
+    if exc.sent is not None and exc.sent.code == 1009:
+        return 1, f"connection closed: the server sent a message over --max-message-size ({max_size} bytes)"
+    if exc.sent is not None:
+        reason = f" ({_bounded(exc.sent.reason)})" if exc.sent.reason else ""
+        return 1, f"connection closed: the server broke the protocol: {exc.sent.code}{reason}"
+    return 1, "connection lost: the server hung up without a close frame"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _split_message(text: str) -> list[str]:
+    """A message's lines; the one trailing newline many clients add is no line of its own."""
+    return text.removesuffix("\n").split("\n")
+
+
+def _ansi(fragments: list[tuple[str, str]]) -> str:
+    """Styled text as terminal escapes, rendered by prompt_toolkit, for printing through patch_stdout."""
+    buffer = io.StringIO()
+    output = Vt100_Output(buffer, lambda: Size(rows=1, columns=1), default_color_depth=ColorDepth.DEPTH_8_BIT)
+    render_fragments(output, fragments, STYLE)
+    output.flush()
+    return buffer.getvalue()
+
+
+class Limits:
+    """What the server's handshake response says it takes."""
+
+    def __init__(self, headers) -> None:
+        try:
+            self.max_message_size, rate, burst = parse_limits_header(headers.get(LIMITS_HEADER, ""))
+        except (KeyError, ValueError):  # an older or foreign server: send as before, it decides
+            self.max_message_size, rate, burst = 0, 0.0, 1
+        self.bucket = TokenBucket(rate * PACE_RATE_FACTOR, max(1, burst - 1)) if rate > 0 else None
+        self.online = headers.get(ONLINE_HEADER)
+
+    def pace(self) -> None:
+        """Wait until the server's rate limit lets one more message through."""
+        while self.bucket is not None and not self.bucket.take():
+            time.sleep(1 / self.bucket.rate)
 
 
 class Session:
     """What the two threads share, so that how the session ends is decided once."""
 
-    def __init__(self, ws: websocket.WebSocket, username: str | None, linger: float) -> None:
+    def __init__(self, ws, url: str, args, tls: ssl.SSLContext | None) -> None:
         self.ws = ws
-        self.username = username
-        self.linger = linger
-        self.interactive = sys.stdin.isatty()
+        self.url = url
+        self.args = args
+        self.tls = tls
+        self.limits = Limits(ws.response.headers)
+        self.listen_only = args.listen_only
+        self.interactive = sys.stdin.isatty() and not args.listen_only
         self.to_terminal = sys.stdout.isatty()
-        self.readline = None
-        if self.interactive:
-            import readline  # line editing and history, and redrawing the typed line
-
-            self.readline = readline
+        self.color = self.to_terminal and not args.no_color and not os.environ.get("NO_COLOR")
+        # Local notes (command output, refusals) are not part of the transcript.
+        self.notes = sys.stdout if self.to_terminal else sys.stderr
         # One lock orders the screen, the end of the session and the echo FIFO.
         self.cond = threading.Condition()
-        self.status: int | None = None  # exit status, once the server ended the session
+        self.status: int | None = None  # exit status, once the server or a closed stdout ended it
         self.closing = False  # the user ended the session; the reader stays quiet
-        self.expected: collections.deque[str] = collections.deque()  # pipe mode echoes
+        self.expected: collections.deque[str] = collections.deque()  # echoes of what we sent
         self.input_done = threading.Event()  # the main thread no longer reads input
         self.reader_done = threading.Event()
 
     def run(self) -> int:
+        # Ends the session the way Ctrl+C does: a logger under systemd gets SIGTERM.
+        signal.signal(signal.SIGTERM, _interrupt_once)
         try:
             # Started inside the try: the reader may signal as soon as it runs.
             threading.Thread(target=self._read, name="reader", daemon=True).start()
-            self._send_input()
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if self.listen_only:
+                self.reader_done.wait()
+            elif self.interactive:
+                # Under `| tee log` nothing prints above the prompt: it is on stderr.
+                printing = patch_stdout(raw=True) if self.to_terminal else contextlib.nullcontext()
+                with _typeahead_unechoed(), printing:
+                    self._note(self._connected_line())
+                    self._send_input()
+            else:
+                self._send_input()
         except KeyboardInterrupt:
-            pass  # the user's Ctrl+C, or the reader saying the server is gone
+            pass  # the user's Ctrl+C, or the reader saying the session is over
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.input_done.set()
         return self._close()
+
+    def _connected_line(self) -> str:
+        who = f" as {self.args.username}" if self.args.username is not None else ""
+        online = f" ({_bounded(self.limits.online)} online)" if self.limits.online else ""
+        return f"connected to {redact_url(server_url(self.args.addr, None))}{who}{online}"
 
     def _lines(self):
         if not self.interactive:
             for line in sys.stdin:
                 yield line.rstrip("\r\n")
             return
+        # The prompt goes to whichever of stdout and stderr is the terminal:
+        # under `| tee log` the typed line stays on screen and out of the log.
+        output = create_output(always_prefer_tty=True)
+        # A position report only sizes menus below the prompt, which we have
+        # none of; a terminal that cannot answer would get a warning instead.
+        output.enable_cpr = False
+        prompt = PromptSession(PROMPT, output=output)
         while True:
             try:
-                yield input(PROMPT)
+                yield prompt.prompt()
             except EOFError:
                 return
 
     def _send_input(self) -> None:
         for line in self._lines():
-            if line == "/quit":
-                break
+            stripped = line.strip()
+            if stripped.startswith("//"):
+                line = line.replace("/", "", 1)
+            elif stripped.startswith("/"):
+                if not self._command(stripped.split()[0]):
+                    break
+                continue
             if not line:
                 continue
-            if not self.interactive:
-                with self.cond:
-                    self.expected.append(f"[{self.username}] {line}" if self.username is not None else line)
+            size = len(line.encode("utf-8", "surrogateescape"))
+            if self.limits.max_message_size and size > self.limits.max_message_size:
+                self._note(f"not sent: the line is {size} bytes; the server takes at most "
+                           f"{self.limits.max_message_size}")
+                continue
+            self.limits.pace()
+            with self.cond:
+                self.expected.append(f"[{self.args.username}] {line}" if self.args.username is not None else line)
             try:
-                self.ws.send_text(line)
-            except (websocket.WebSocketException, OSError) as exc:
-                self._settle(1, f"connection lost: {_reason(exc)}")
+                self.ws.send(line)
+            except ConnectionClosed:
+                # The reader says why; give it the time to, then its signal ends the input.
+                self.reader_done.wait(CLOSE_TIMEOUT_S)
                 return
         if not self.interactive:
             # Closing now could drop the echo of the last lines on the floor:
             # a pipe's output should hold what was sent.
             with self.cond:
-                self.cond.wait_for(lambda: not self.expected, timeout=self.linger)
+                self.cond.wait_for(lambda: not self.expected, timeout=self.args.linger)
+
+    def _command(self, word: str) -> bool:
+        """Run a local command; False for /quit."""
+        if word == "/quit":
+            return False
+        if word == "/help":
+            self._note("\n".join(f"{name:8} {what}" for name, what in COMMANDS.items()))
+        elif word == "/who":
+            self._note(self._who())
+        else:
+            self._note(f"unknown command {_bounded(word)}; /help lists them")
+        return True
+
+    def _who(self) -> str:
+        """The room's head count, from the server's /healthz (names come with presence)."""
+        parts = urlsplit(self.url)
+        if parts.scheme == "wss":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=WHO_TIMEOUT_S,
+                                               context=self.tls)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=WHO_TIMEOUT_S)
+        try:
+            conn.request("GET", "/healthz")
+            count = int(json.loads(conn.getresponse().read(WHO_BODY_BYTES))["connections"])
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
+            return f"cannot ask the server who is online: {_reason(exc)}"
+        finally:
+            conn.close()
+        return f"{count} online"
+
+    def _note(self, text: str) -> None:
+        with self.cond:
+            print(text, file=self.notes, flush=True)
 
     def _read(self) -> None:
         try:
             while True:
-                opcode, data = self.ws.recv_data()
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    code, why = _close_reason(data)
-                    status = 0 if code in CLEAN_CLOSE_CODES else 1
-                    message = f"connection closed by server: {why}"
-                    break
-                if opcode == websocket.ABNF.OPCODE_BINARY:
+                data = self.ws.recv()
+                if isinstance(data, bytes):
                     self._show(f"[binary {len(data)} bytes]")
                 else:
-                    self._show(data.decode("utf-8", "replace"))
-        except (websocket.WebSocketException, OSError) as exc:
-            status, message = 1, f"connection lost: {_reason(exc)}"
+                    self._show(data)
+        except ConnectionClosed as exc:
+            status, message = _ended(exc, self.args.max_message_size)
+        except BrokenPipeError:
+            # `| head -1` has what it wanted: leave quietly, as a pipe's writer should.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status, message = 0, None
         if self._settle(status, message):
             # A signal that lands just before the main thread blocks in read()
             # or select() is only handled once that call returns: repeat it.
             while True:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                if self.input_done.wait(SIGNAL_REPEAT):
+                if self.input_done.wait(SIGNAL_REPEAT_S):
                     break
         self.reader_done.set()
 
     def _show(self, text: str) -> None:
         with self.cond:
-            if self.expected and self.expected[0] == text:
+            own = bool(self.expected) and self.expected[0] == text
+            if own:
                 self.expected.popleft()
                 self.cond.notify_all()
-            if self.to_terminal:
-                text = text.translate(_VISIBLE)
-            if self.interactive:
-                redraw = "" if self.closing else PROMPT + self.readline.get_line_buffer()
-                sys.stdout.write(f"{CLEAR_LINE}{text}\n{redraw}")
+            if self.closing:
+                return
+            if not self.to_terminal:
+                sys.stdout.write(text + "\n")  # the transcript: byte for byte
             else:
-                sys.stdout.write(text + "\n")
+                sys.stdout.write(self._styled(text, own))
             sys.stdout.flush()
 
-    def _settle(self, status: int, message: str) -> bool:
+    def _styled(self, text: str, own: bool) -> str:
+        first, *rest = (line.translate(_VISIBLE) for line in _split_message(text))
+        fragments = []
+        if self.args.timestamps:
+            fragments.append(("class:time", time.strftime("%H:%M:%S ")))
+        if own:
+            fragments.append(("class:own", "\n".join([first, *(CONTINUATION_INDENT + r for r in rest)])))
+        else:
+            if first.startswith("* "):
+                fragments.append(("class:system", first))
+            else:
+                name, bracket, body = first.partition("] ")
+                if first.startswith("[") and bracket:
+                    fragments.append(("class:name", name + bracket))
+                    first = body
+                fragments.append(("", first))
+            fragments.extend(("", "\n" + CONTINUATION_INDENT + r) for r in rest)
+        fragments.append(("", "\n"))
+        if not self.color:
+            return "".join(text for _, text in fragments)
+        return _ansi(fragments)
+
+    def _settle(self, status: int, message: str | None) -> bool:
         """Let the first of server and user to end the session say how it ended.
 
         False tells a later caller that the end is already told.
@@ -218,54 +379,119 @@ class Session:
             if self.closing or self.status is not None:
                 return False
             self.status = status
-            sys.stderr.write(f"{CLEAR_LINE if self.interactive else ''}{message}\n")
-            sys.stderr.flush()
+            if message is not None:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
             return True
 
     def _close(self) -> int:
         with self.cond:
-            settled = self.status is not None
-            self.closing = True
-            if self.interactive and not settled:
-                sys.stdout.write(CLEAR_LINE)  # the prompt, and whatever Ctrl+C left
-                sys.stdout.flush()
-        if not settled:
-            # ws.close() would read the socket too, racing the reader thread.
-            self.ws.send_close(websocket.STATUS_NORMAL)
-            self.reader_done.wait(CLOSE_TIMEOUT)
-        self.ws.shutdown()
-        return self.status if settled else 0
+            self.closing = self.status is None
+        # Sends our close frame unless the connection is already closed, and
+        # waits at most CLOSE_TIMEOUT_S for the server's answer.
+        self.ws.close()
+        self.reader_done.wait(CLOSE_TIMEOUT_S)
+        return 0 if self.closing else self.status
+
+
+@contextlib.contextmanager
+def _typeahead_unechoed():
+    """No echo from the terminal between two prompts.
+
+    The prompt puts the terminal in raw mode only while it reads a line, and
+    gives it back as it found it: keys typed while a line is sent would be
+    echoed by the terminal itself, in the middle of the screen, and then
+    again by the next prompt.
+    """
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _tls_context(args) -> ssl.SSLContext:
+    """Raises OSError or ssl.SSLError for an unreadable --ca-file."""
+    context = ssl.create_default_context(cafile=args.ca_file)
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _headers(args) -> list[tuple[str, str]]:
+    """Raises ValueError for a --header without a colon."""
+    headers = []
+    for header in args.header or ():
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise ValueError(f"invalid --header {header!r}: expected NAME:VALUE")
+        headers.append((name.strip(), value.strip()))
+    if args.token:
+        headers.append(("Authorization", f"Bearer {args.token}"))
+    return headers
+
+
+def _refusal(shown: str, exc: InvalidStatus) -> str:
+    status = exc.response.status_code
+    body = " ".join(exc.response.body.decode("utf-8", "replace").split())
+    line = f"{PROG}: {shown} rejected the handshake: HTTP {status} {_bounded(body)}".rstrip()
+    if status == 401:
+        line += "; use --token TOKEN"
+    elif status == 400 and body.startswith("username required"):
+        line += "; use --username NAME"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_client_args(argv)
     try:
         url = server_url(args.addr, args.username)
+        headers = _headers(args)
     except ValueError as exc:
-        print(f"{PROG}: error: invalid --addr {redact_url(args.addr)!r}: {exc}", file=sys.stderr)
+        message = str(exc) if str(exc).startswith("invalid --header") else f"invalid --addr {redact_url(args.addr)!r}: {exc}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    try:
+        tls = _tls_context(args) if url.startswith("wss:") or args.ca_file else None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"{PROG}: error: --ca-file {args.ca_file}: {_reason(exc)}", file=sys.stderr)
+        return 2
+    if args.insecure:
+        print(f"{PROG}: warning: --insecure: the server's certificate is not checked", file=sys.stderr)
+    shown = redact_url(url)
     # A peer's message or a stray byte in the input must not end the client.
     sys.stdin.reconfigure(errors="replace")
     sys.stdout.reconfigure(errors="replace")
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        # No Origin header: that is how a server tells a program from a browser
-        # page, and an origin list on the server is for pages only.
-        ws = websocket.create_connection(
-            url, timeout=CONNECT_TIMEOUT, class_=_WebSocket, suppress_origin=True,
-            header=[f"Authorization: Bearer {args.token}"] if args.token else None,
-            sslopt={"ca_certs": args.ca_file} if args.ca_file else None,
+        # No Origin header unless asked: that is how a server tells a program
+        # from a browser page, and an origin list on the server is for pages.
+        ws = connect(
+            url, ssl=tls if url.startswith("wss:") else None, origin=args.origin,
+            additional_headers=headers, open_timeout=args.connect_timeout or None, close_timeout=CLOSE_TIMEOUT_S,
+            max_size=args.max_message_size or None, compression=None, proxy=None,
         )
-        ws.settimeout(None)  # the reader thread waits for messages for as long as it takes
-        session = Session(ws, args.username, args.linger)
     except KeyboardInterrupt:
         return 130
-    except websocket.WebSocketBadStatusException as exc:
-        body = _one_line((exc.resp_body or b"").decode("utf-8", "replace"))
-        print(f"{PROG}: {redact_url(url)} rejected the handshake: HTTP {exc.status_code} "
-              f"{body or exc.status_message or ''}".rstrip(), file=sys.stderr)
+    except InvalidStatus as exc:
+        print(_refusal(shown, exc), file=sys.stderr)
         return 1
-    except (websocket.WebSocketException, OSError) as exc:
-        print(f"{PROG}: cannot connect to {redact_url(url)}: {_reason(exc)}", file=sys.stderr)
+    except InvalidMessage as exc:
+        hint = "; if it serves TLS, use wss://" if url.startswith("ws:") else ""
+        print(f"{PROG}: cannot connect to {shown}: no valid handshake response: {_reason(exc)}{hint}",
+              file=sys.stderr)
         return 1
-    return session.run()
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+        print(f"{PROG}: cannot connect to {shown}: {_reason(exc)}", file=sys.stderr)
+        return 1
+    with ws:
+        return Session(ws, url, args, tls).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ import configargparse
 from redis.connection import parse_url
 
 from .redact import redact_url
+from . import __version__
 
 ENV_PREFIX = "BROADCAST_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -215,6 +216,7 @@ def _parser(section: str, description: str) -> OneLineParser:
     # it no environment variable: BROADCAST_CONFIG would be ignored.
     parser.add_argument("--config", dest="config_file", is_config_file_arg=True, env_var=CONFIG_ENV,
                         metavar="FILE", help=f"ini file whose [{section}] section sets any long option")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -282,6 +284,21 @@ def client_parser() -> OneLineParser:
     p.add_argument("--linger", type=seconds, default=2.0, metavar="SECONDS",
                    help="when input is piped: after end of input, wait at most this long "
                         "for the echo of what was sent (default %(default)s)")
+    p.add_argument("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
+                   help="to resolve, connect and finish the whole handshake, however slowly it trickles; "
+                        "0 waits forever (default %(default)s)")
+    p.add_argument("--listen-only", action="store_true",
+                   help="read no input: print what arrives until the server or a signal ends it")
+    p.add_argument("--max-message-size", type=size, default=4 * MIB, metavar="BYTES",
+                   help="largest incoming message; a bigger one ends the session; 0 for no limit "
+                        "(default %(default)s, four times the server's default)")
+    p.add_argument("--no-color", action="store_true", help="no colours at a terminal (so does NO_COLOR)")
+    p.add_argument("--timestamps", action="store_true", help="show the time each message arrived")
+    p.add_argument("--header", action="append", metavar="NAME:VALUE",
+                   help="an extra handshake request header (repeatable)")
+    p.add_argument("--origin", default=None, help="send this Origin header, as a browser page would")
+    p.add_argument("--insecure", action="store_true",
+                   help="do not verify the wss:// server's certificate (prints a warning)")
     return p
 
 

@@ -1,8 +1,28 @@
-"""Abuse limits that need state: a per-connection message rate, per-address connection counts."""
+"""Abuse limits that need state: a per-connection message rate, per-address connection counts.
+
+Also how the server advertises its limits in the handshake response, so that
+a client can refuse an oversized line and pace itself instead of being
+closed with 1009 or 1008.
+"""
 
 from __future__ import annotations
 
 import time
+
+# Handshake response headers: "max-message-size=BYTES; rate=MSGS_PER_SEC; burst=MSGS"
+# (0 means no limit), and how many are in the room, counting the one joining.
+LIMITS_HEADER = "Broadcast-Limits"
+ONLINE_HEADER = "Broadcast-Online"
+
+
+def limits_header(max_message_size: int, rate: float, burst: int) -> str:
+    return f"max-message-size={max_message_size}; rate={rate:g}; burst={burst}"
+
+
+def parse_limits_header(value: str) -> tuple[int, float, int]:
+    """(max_message_size, rate, burst) from ``limits_header``'s text; ValueError if malformed."""
+    fields = dict(part.strip().partition("=")[::2] for part in value.split(";"))
+    return int(fields["max-message-size"]), float(fields["rate"]), int(fields["burst"])
 
 
 class TokenBucket:

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from .bus import LocalBus
 from .config import parse_server_args
 from .connection import Connection
 from .hub import Hub
-from .limits import AddressCounts
+from .limits import LIMITS_HEADER, ONLINE_HEADER, AddressCounts, limits_header
 from .outbox import WriterPool
 from .redis_bus import RedisBus, RedisUnavailable
 from .tls import TLSTransport, server_context
@@ -205,6 +206,9 @@ class Server:
             return response
         response = protocol.accept(request)
         if response.status_code == 101:
+            c = self.config
+            response.headers[LIMITS_HEADER] = limits_header(c.max_message_size, c.rate_limit, c.rate_burst)
+            response.headers[ONLINE_HEADER] = str(len(self.hub) + 1)  # counting the one joining
             conn.username = admission.username
             if admission.username is not None:
                 conn.prefix = f"[{admission.username}] ".encode()
@@ -317,3 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     server.shutdown(config.shutdown_timeout)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

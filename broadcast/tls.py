@@ -23,6 +23,11 @@ def server_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
     """Raises OSError or ssl.SSLError when the certificate cannot be loaded."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if keyfile is None:
+        with open(certfile, "rb") as f:
+            if b"PRIVATE KEY-----" not in f.read():
+                # OpenSSL's own word for this is "[SSL] PEM lib".
+                raise ssl.SSLError(f"no private key in {certfile}; pass --keyfile")
     context.load_cert_chain(certfile, keyfile)
     return context
 
