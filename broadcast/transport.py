@@ -16,7 +16,7 @@ import time
 RECV_IDLE_BYTES = 2048
 # A reader whose reads come back full asks for four times more, up to this,
 # so a big message or a fast publisher still costs few syscalls.
-RECV_MAX_BYTES = 256 * 1024
+RECV_MAX_BYTES = 64 * 1024
 
 
 class PlainTransport:

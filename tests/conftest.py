@@ -29,13 +29,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A running ``scripts/server.py``, with its log lines collected as they come."""
 
-    def __init__(self, args, env=None, expect_listening: bool = True) -> None:
+    def __init__(self, args, env=None, expect_listening: bool = True, preexec_fn=None) -> None:
         cmd = [sys.executable, str(ROOT / "scripts" / "server.py"), "--host", "127.0.0.1", *args]
         if not any(a == "--port" or a.startswith("--port=") for a in args):
             cmd += ["--port", "0"]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env or clean_env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -106,8 +106,8 @@ def start_server():
     """Factory: ``start_server("--max-connections", "2")`` -> ServerProcess."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True):
-        server = ServerProcess(list(args), env=env, expect_listening=expect_listening)
+    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True, preexec_fn=None):
+        server = ServerProcess(list(args), env=env, expect_listening=expect_listening, preexec_fn=preexec_fn)
         started.append(server)
         return server
 

@@ -8,6 +8,7 @@ descriptor it took (read from /proc/<pid>, polled until a deadline).
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import socket
 import struct
@@ -398,3 +399,212 @@ def test_churn(start_server):
         assert growth_mb < 20
         assert_chat_works(server.url, w1, server=server)
         assert w2.connected
+
+
+# One client cannot deny service to the others (issue 8, points 10 to 14).
+# Memory is the server's VmRSS, sampled by a thread; bounds are generous on
+# purpose (they are about what is unbounded today, not about a few MiB).
+
+MIB = 1024 * 1024
+
+
+class RssProbe:
+    """The server's VmRSS, sampled every 20 ms until stopped; ``peak_mib`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before_mib = proc_stats(pid).rss_kb / 1024
+        self.peak_mib = self.before_mib
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak_mib = max(self.peak_mib, proc_stats(self.pid).rss_kb / 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+
+    def now_mib(self) -> float:
+        return proc_stats(self.pid).rss_kb / 1024
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def __repr__(self) -> str:
+        return f"RSS before {self.before_mib:.1f} MiB, peak {self.peak_mib:.1f} MiB"
+
+
+def _connect_from(port: int, source_ip: str, timeout: float = WAIT) -> socket.socket:
+    """A TCP connection from another loopback address: to the server, another client machine."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source_ip, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _ws_from(port: int, source_ip: str, timeout: float = WAIT) -> RawWS:
+    sock = _connect_from(port, source_ip, timeout)
+    sock.sendall(handshake_request(port))
+    response = read_http_response(sock, timeout)
+    assert response is not None and response.status == 101, response
+    return RawWS(sock, response.rest)
+
+
+def _non_reader(port: int) -> RawWS:
+    """A client whose receive buffer is tiny and never read: its server-side socket fills at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(handshake_request(port))
+    response = read_http_response(sock, WAIT)
+    assert response is not None and response.status == 101, response
+    return RawWS(sock, response.rest)
+
+
+def _local_port(ws: RawWS) -> int:
+    return ws.sock.getsockname()[1]
+
+
+HANDSHAKE_FLOOD = 300
+
+
+def test_handshake_flood_from_one_address_does_not_keep_others_out(start_server):
+    """Point 10: hundreds of silent sockets from 127.0.0.1, renewed as they are dropped;
+    127.0.0.2 still joins and chats, and the flood never takes a joined slot."""
+    server = start_server("--open-timeout", "1", "--max-connections", "50", "--max-handshakes-per-ip", "100")
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def flood() -> None:  # keeps HANDSHAKE_FLOOD sockets open, reopening those the server drops
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            for i, s in enumerate(held):
+                if is_eof_or_reset(s, 0):
+                    s.close()
+                    held[i] = open_socket(server.port)
+            while len(held) < HANDSHAKE_FLOOD:
+                held.append(open_socket(server.port))
+            stop.wait(0.05)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        server.wait_for_log(r"refused 127\.0\.0\.1:\d+: too many connections in their opening handshake", WAIT)
+        waited = []
+        for round_ in range(3):  # across open-timeout renewals
+            started = time.monotonic()
+            with _ws_from(server.port, "127.0.0.2") as ws:
+                waited.append(time.monotonic() - started)
+                text = f"still served {round_}".encode()
+                ws.send_text(text)
+                frame, _ = ws.recv_until(lambda f: f.opcode == OP_TEXT, WAIT)
+                assert frame.payload == text
+                ws.send_close(1000)
+                ws.expect_close(WAIT)
+            time.sleep(0.5)
+        print(f"\nwith {HANDSHAKE_FLOOD} handshakes held from 127.0.0.1, 127.0.0.2 joined in "
+              + ", ".join(f"{w * 1000:.0f} ms" for w in waited))
+    finally:
+        stop.set()
+        flooder.join(10)
+        for s in held:
+            s.close()
+    assert "503" not in server.log, "the flood took joined slots"
+    assert server.proc.poll() is None
+
+
+def test_ping_flood_without_reading_is_evicted(start_server):
+    """Point 11: pongs count against --send-queue-bytes; the pinger is evicted and memory stays bounded."""
+    queue = 1 * MIB
+    server = start_server("--send-queue-bytes", str(queue), "--ping-interval", "0")
+    pid = server.proc.pid
+    settled_stats(pid)
+    with Watcher(server.url) as watcher:
+        pinger = _non_reader(server.port)
+        port = _local_port(pinger)
+        probe = RssProbe(pid)
+        batch = build_frame(OP_PING, b"p" * 125) * 500  # the largest pings: the most owed per ping parsed
+        deadline = time.monotonic() + 20
+        evicted = re.compile(rf"closing anonymous@127\.0\.0\.1:{port}: 1008 slow consumer")
+        try:
+            while time.monotonic() < deadline and not evicted.search(server.log):
+                try:
+                    pinger.send_raw(batch, timeout=0.5)
+                except (socket.timeout, OSError):
+                    pass  # the server stopped reading us: it is deciding our fate
+            server.wait_for_log(evicted.pattern, WAIT)
+            server.wait_for_log(rf"disconnect anonymous@127\.0\.0\.1:{port}: failed: 1008 slow consumer", 2 * WAIT)
+        finally:
+            probe.stop()
+            pinger.close()
+        assert_chat_works(server.url, watcher, server=server)
+    print(f"\nping flood: evicted with 1008; {probe}; after {probe.now_mib():.1f} MiB")
+    # The owed pongs (<= 1 MiB) plus what one read parses at once and the kernel's buffers.
+    assert probe.peak_mib - probe.before_mib < queue / MIB + 24, probe
+
+
+READERS, NON_READERS = 10, 2
+BIG = 1 * MIB
+
+
+def test_fast_publisher_is_slowed_and_only_stuck_sockets_are_evicted(start_server):
+    """Point 12: 1 MiB messages flat out to 10 readers and 2 non-readers."""
+    queue = 4 * MIB
+    server = start_server("--send-queue-bytes", str(queue), "--max-message-size", str(BIG + 16),
+                          "--ping-interval", "0", "--write-timeout", "60")
+    pid = server.proc.pid
+    settled_stats(pid)
+    received = [0] * (READERS + 1)
+    stop = threading.Event()
+
+    def drain(i: int, ws: RawWS) -> None:  # reads at full speed, counting bytes
+        ws.sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data = ws.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            received[i] += len(data)
+
+    readers = [RawWS.connect(server.port) for _ in range(READERS)]
+    publisher = RawWS.connect(server.port)
+    stuck = [_non_reader(server.port) for _ in range(NON_READERS)]
+    stuck_ports = {_local_port(w) for w in stuck}
+    threads = [threading.Thread(target=drain, args=(i, ws), daemon=True)
+               for i, ws in enumerate([*readers, publisher])]
+    for t in threads:
+        t.start()
+    probe = RssProbe(pid)
+    evictions = re.compile(r"closing anonymous@127\.0\.0\.1:(\d+): 1008 slow consumer")
+    sent = 0
+    payload = os.urandom(BIG)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and (sent < 30 or len(evictions.findall(server.log)) < NON_READERS):
+            publisher.send_binary(payload, timeout=30)
+            sent += 1
+        stop_at = time.monotonic() + 30
+        expected = sent * (BIG + 10)  # each message framed with a 10-byte header
+        while time.monotonic() < stop_at and min(received[:READERS]) < expected:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        probe.stop()
+        for t in threads:
+            t.join(5)
+        for ws in [*readers, publisher, *stuck]:
+            ws.close()
+    evicted = {int(p) for p in evictions.findall(server.log)}
+    print(f"\n{sent} messages of 1 MiB; evicted {sorted(evicted)}; non-readers {sorted(stuck_ports)}; "
+          f"readers got {[r // MIB for r in received[:READERS]]} MiB; {probe}")
+    assert evicted == stuck_ports, server.log[-3000:]
+    assert min(received[:READERS]) >= expected, (received, expected)
+    # Each client owes at most --send-queue-bytes plus one message, in its own joined copy.
+    assert probe.peak_mib - probe.before_mib < (READERS + NON_READERS + 1) * (queue + BIG) / MIB + 32, probe
