@@ -33,8 +33,9 @@ EVICTED = 2  # over the bound with its socket stuck: a slow consumer, backlog dr
 
 # A socket that has taken nothing for this long has stopped taking data; a
 # client reading at full speed empties it within milliseconds, even when one
-# send of a big backlog fills it.
-STALLED_AFTER_S = 1.0
+# send of a big backlog fills it, but a busy machine may not run it for a
+# second or so.
+STALLED_AFTER_S = 2.0
 # What one queued control chunk costs beyond its bytes (object header, list
 # slot): pongs are 2 bytes, so counting bytes alone would let a pinger owe
 # twenty times more memory than --send-queue-bytes.
