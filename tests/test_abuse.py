@@ -7,6 +7,7 @@ descriptor it took (read from /proc/<pid>, polled until a deadline).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -581,7 +582,8 @@ def test_fast_publisher_is_slowed_and_only_stuck_sockets_are_evicted(start_serve
         except (AssertionError, OSError):
             pass  # closed, or nothing for a minute
 
-    readers = [connect(server.url, max_size=None, close_timeout=1) for _ in range(READERS)]
+    contexts = contextlib.ExitStack()  # websockets wants its clients entered
+    readers = [contexts.enter_context(connect(server.url, max_size=None, close_timeout=1)) for _ in range(READERS)]
     publisher = RawWS.connect(server.port)
     stuck = [_non_reader(server.port) for _ in range(NON_READERS)]
     stuck_ports = {_local_port(w) for w in stuck}
@@ -603,8 +605,9 @@ def test_fast_publisher_is_slowed_and_only_stuck_sockets_are_evicted(start_serve
             time.sleep(0.05)
     finally:
         probe.stop()
-        for ws in [*readers, publisher, *stuck]:
+        for ws in [publisher, *stuck]:
             ws.close()
+        contexts.close()
         for t in threads:
             t.join(5)
     evicted = {int(p) for p in evictions.findall(server.log)}
