@@ -123,7 +123,8 @@ def server_parser() -> OneLineParser:
     p.add_argument("--ping-timeout", type=seconds, default=20.0, metavar="SECONDS",
                    help="a ping unanswered this long drops the client; 0 disables (default %(default)s)")
     p.add_argument("--max-connections", type=count, default=10000,
-                   help="open connections beyond this get HTTP 503 (default %(default)s)")
+                   help="joined clients beyond this get HTTP 503; never more than the open-files limit "
+                        "allows (default %(default)s)")
     p.add_argument("--max-handshakes", type=count, default=4096,
                    help="connections that may be in their opening handshake at once, apart from the joined "
                         "ones; more are closed at accept; 0 leaves only the open-files limit (default %(default)s)")

@@ -38,9 +38,9 @@ EVICT_GRACE_S = 1.0
 # Requests bigger than this are refused before they are parsed further: the
 # HTTP parser bounds each line (8 KiB) and the header count, not the total.
 MAX_HANDSHAKE_BYTES = 64 * 1024
-# A connection that leaves holding this much of an unfinished message asks
-# the allocator to return free memory to the OS: glibc keeps freed heap, so
-# 500 such leavers would otherwise leave the process hundreds of MiB bigger.
+# A connection that lets go of this much of an unfinished message (it left,
+# or was refused) asks the allocator to return free memory to the OS: glibc
+# keeps freed heap, so 500 such leavers would leave us hundreds of MiB bigger.
 TRIM_AFTER_BYTES = 64 * 1024
 
 
@@ -213,13 +213,11 @@ class Connection:
         if budget.take(held - self._held):
             self._held = held
             return
-        self._partial = bytearray()
         self.fail(CloseCode.TRY_AGAIN_LATER, "server busy: too many unfinished messages")
-        budget.take(-self._held)
-        self._held = 0
+        self._let_go()
 
     def _let_go(self) -> None:
-        """The connection is over: free its unfinished message, and hand big ones back to the OS."""
+        """Free the unfinished message, for good (refused or gone); a big one goes back to the OS."""
         held = self._held
         self._partial = bytearray()
         self._hold(0)
