@@ -239,7 +239,16 @@ def server_parser() -> OneLineParser:
     p.add_argument("--ping-timeout", type=seconds, default=20.0, metavar="SECONDS",
                    help="a ping unanswered this long drops the client; 0 disables (default %(default)s)")
     p.add_argument("--max-connections", type=positive_count, default=10000,
-                   help="open connections beyond this get HTTP 503; 0 is refused (default %(default)s)")
+                   help="joined clients beyond this get HTTP 503; never more than the open-files limit "
+                        "allows; 0 is refused (default %(default)s)")
+    p.add_argument("--max-handshakes", type=count, default=4096,
+                   help="connections that may be in their opening handshake at once, apart from the joined "
+                        "ones; more are closed at accept; 0 leaves only the open-files limit (default %(default)s)")
+    p.add_argument("--max-handshakes-per-ip", type=count, default=1024,
+                   help="the same, from one address; 0 is no limit (default %(default)s)")
+    p.add_argument("--max-pending-bytes", type=size, default=256 * MIB, metavar="BYTES",
+                   help="memory all clients together may hold in unfinished messages; a client whose "
+                        "fragment would pass it is closed with 1013; 0 is no limit (default %(default)s)")
     p.add_argument("--open-timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="a client must finish its opening handshake within this; 0 waits forever (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0, metavar="SECONDS",

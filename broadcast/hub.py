@@ -3,12 +3,24 @@
 Every frame is appended to every client's outbox while the lock is held,
 so all clients see one order. Appending never blocks (it is a list append
 and, at most, a wake-up of a writer), which is what makes holding a lock
-across the whole fan-out cheap and safe.
+across the whole fan-out cheap and safe. When the writers fall behind, it
+is the publishers who wait (``wait_writers``), after the fan-out and outside
+the lock, never the fan-out itself.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+
+from .outbox import EVICTED
+
+# Longest a reader is held back, after one read, for clients that our
+# writers have not caught up with; past it, it reads on. A client whose
+# socket stalls is evicted long before (outbox.STALLED_AFTER_S).
+BACKPRESSURE_MAX_S = 5.0
+# How often a held-back reader looks whether a client it waits for stalled.
+BACKPRESSURE_POLL_S = 0.1
 
 
 class Hub:
@@ -17,6 +29,9 @@ class Hub:
         # Joined connections in join order, as an immutable tuple so that a
         # broadcast iterates without copying; rebuilt only on join and leave.
         self._members: tuple = ()
+        # Members that went over their bound while their socket took data;
+        # swapped out whole by wait_writers, under _lock.
+        self._behind: list = []
 
     def __len__(self) -> int:
         return len(self._members)
@@ -38,9 +53,32 @@ class Hub:
         """Queue ``frame`` for every member but ``skip``, all in one order."""
         with self._lock:
             if skip is None:
-                behind = [m for m in self._members if not m.outbox.put(frame)]
+                over = [(m, s) for m in self._members if (s := m.outbox.put(frame))]
             else:
-                behind = [m for m in self._members if m is not skip and not m.outbox.put(frame)]
+                over = [(m, s) for m in self._members if m is not skip and (s := m.outbox.put(frame))]
+            if over:
+                self._behind += [m for m, state in over if state != EVICTED]
         # Outside the lock: eviction takes each connection's protocol lock.
-        for conn in behind:
-            conn.evict_slow_consumer()
+        for conn, state in over:
+            if state == EVICTED:
+                conn.evict_slow_consumer()
+
+    def wait_writers(self, reader) -> None:
+        """Hold ``reader`` back until the clients our writers are behind on catch up.
+
+        This is how a publisher faster than the fan-out is slowed down, and
+        a client that pings without reading stops being parsed: its next
+        read waits. A client that stalls meanwhile is evicted, not waited for.
+        """
+        if not self._behind and not reader.outbox.over():
+            return
+        with self._lock:
+            behind, self._behind = self._behind, []
+        deadline = time.monotonic() + BACKPRESSURE_MAX_S
+        for conn in dict.fromkeys([*behind, reader]):
+            while not conn.outbox.wait(min(BACKPRESSURE_POLL_S, deadline - time.monotonic())):
+                if conn.outbox.stalled():
+                    conn.evict_slow_consumer()
+                    break
+                if time.monotonic() >= deadline:
+                    return

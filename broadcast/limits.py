@@ -1,4 +1,4 @@
-"""Abuse limits that need state: a per-connection message rate, per-address connection counts.
+"""Abuse limits that need state: a message rate, per-address connection counts, a memory budget.
 
 Also how the server advertises its limits in the handshake response, so that
 a client can refuse an oversized line and pace itself instead of being
@@ -7,6 +7,8 @@ closed with 1009 or 1008.
 
 from __future__ import annotations
 
+import ctypes
+import threading
 import time
 
 # Handshake response headers: "max-message-size=BYTES; rate=MSGS_PER_SEC; burst=MSGS"
@@ -70,3 +72,36 @@ class AddressCounts:
 
     def __getitem__(self, ip: str) -> int:
         return self._counts.get(ip, 0)
+
+
+class ByteBudget:
+    """Bytes that all connections together may hold of unfinished messages; 0 is no limit.
+
+    Connections take and give back under ``_lock``, from their reader threads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, delta: int) -> bool:
+        """Count ``delta`` more bytes (fewer if negative); False, counting nothing, past the limit."""
+        with self._lock:
+            used = self.used + delta
+            if delta > 0 and self.limit and used > self.limit:
+                return False
+            self.used = used
+            return True
+
+
+try:
+    _trim = ctypes.CDLL(None).malloc_trim
+except AttributeError:  # not glibc: its allocator gives memory back itself, or never
+    _trim = None
+
+
+def give_back_memory() -> None:
+    """Return freed heap to the OS; glibc otherwise keeps it for the process's life."""
+    if _trim is not None:
+        _trim(0)

@@ -26,6 +26,23 @@ AGAIN = 1  # more arrived while sending: requeue behind the others, for fairness
 BLOCKED = 2  # the socket is full: wait until it is writable
 GONE = 3  # the connection is finished: forget it and close its socket
 
+# What Outbox.put tells the hub (falsy when all is well: the hub's loop tests it).
+QUEUED = 0
+BEHIND = 1  # over the bound while its socket takes data: the writers are behind, slow the publisher
+EVICTED = 2  # over the bound with its socket stuck: a slow consumer, backlog dropped
+
+# A client past its bound is a slow consumer once its socket has taken nothing
+# for this long, or has stayed past the bound this long with its socket full
+# (it drains, but slower than the room talks: waiting for it would hold every
+# publisher back). A client reading at full speed empties its socket within
+# milliseconds, even when one send of a big backlog fills it, but a busy
+# machine may not run it for a second or so.
+STALLED_AFTER_S = 2.0
+# What one queued control chunk costs beyond its bytes (object header, list
+# slot): pongs are 2 bytes, so counting bytes alone would let a pinger owe
+# twenty times more memory than --send-queue-bytes.
+CHUNK_OVERHEAD_BYTES = 64
+
 
 class Outbox:
     """Bytes owed to one client, in order, bounded in size.
@@ -37,8 +54,8 @@ class Outbox:
 
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "queued", "head",
-        "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
-        "drained",
+        "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since", "over_since",
+        "drained", "caught_up",
     )
 
     def __init__(self, transport, writer: Writer, limit: int) -> None:
@@ -56,54 +73,113 @@ class Outbox:
         self.dead = False  # the reader is done; the socket can go
         self.registered = False  # in the writer's epoll set (writer thread only)
         self.blocked_since: float | None = None  # socket full since then
+        self.over_since: float | None = None  # past the bound since then
         self.drained: threading.Event | None = None  # set when idle; for drain()
+        self.caught_up: threading.Event | None = None  # set when back under the bound; for wait()
 
-    def put(self, frame: bytes) -> bool:
-        """Queue one data frame; False when the client is too far behind.
+    def put(self, frame: bytes) -> int:
+        """Queue one data frame; QUEUED, or BEHIND or EVICTED past the bound.
 
         Admit-then-bound: a frame is refused only to a client already more
         than ``limit`` behind when it arrives, so any message the server
-        accepts fits, whatever the limit, and an outbox holds at most
-        ``limit`` plus one frame. On overflow the backlog is dropped at once,
-        so an evicted client holds no memory while its close frame waits.
+        accepts fits, whatever the limit. Past the bound, a client whose
+        socket has stalled is evicted, its backlog dropped at once so that
+        it holds no memory while its close frame waits. One whose socket
+        still takes data is only waiting for our writers: it keeps the
+        frame, and the hub slows the publisher.
         """
         with self.lock:
             if self.closing:
-                return True
+                return QUEUED
             queued = self.queued + len(frame)
+            state = QUEUED
             if self.queued + len(self.head) > self.limit:
-                self.closing = True
-                self.chunks.clear()
-                self.queued = 0
-                return False
+                if self._stalled_locked():
+                    return EVICTED
+                state = BEHIND
             self.chunks.append(frame)
             self.queued = queued
+            if self.over_since is None and queued + len(self.head) > self.limit:
+                self.over_since = time.monotonic()
+            if self.scheduled:
+                return state
+            self.scheduled = True
+        self.writer.schedule(self)
+        return state
+
+    def put_control(self, writes: list[bytes], closing: bool) -> bool:
+        """Queue protocol output (pong, close, handshake response); False to evict.
+
+        It goes through even after ``closing``: that is how the close frame
+        follows the messages still owed. ``b""`` asks for a half-close.
+        Everything else counts against the bound like a message, so a client
+        that pings without reading is a slow consumer; on False its backlog
+        is gone and the caller fails the connection.
+        """
+        with self.lock:
+            if self.dead:
+                return True
+            # One chunk per call: a read full of pings owes one object, not thousands.
+            data = b"".join(writes)
+            if not writes[-1]:
+                self.eof = True
+            if data:
+                queued = self.queued + len(data) + CHUNK_OVERHEAD_BYTES
+                if not (closing or self.closing) and queued + len(self.head) > self.limit \
+                        and self._stalled_locked():
+                    return False
+                self.chunks.append(data)
+                self.queued = queued
+                if self.over_since is None and queued + len(self.head) > self.limit:
+                    self.over_since = time.monotonic()
+            self.closing = self.closing or closing
             if self.scheduled:
                 return True
             self.scheduled = True
         self.writer.schedule(self)
         return True
 
-    def put_control(self, writes: list[bytes], closing: bool) -> None:
-        """Queue protocol output (pong, close, handshake response).
+    def _stalled_locked(self) -> bool:
+        """Past the bound: if the socket has stalled, drop the backlog and say so."""
+        assert self.lock.locked()
+        blocked_since = self.blocked_since
+        if blocked_since is None:
+            return False  # the socket takes all we give it: our writers are behind, not the client
+        since = blocked_since if self.over_since is None else min(blocked_since, self.over_since)
+        if time.monotonic() - since < STALLED_AFTER_S:
+            return False
+        self.closing = True
+        self.chunks.clear()
+        self.queued = 0
+        self._catch_up_locked()
+        return True
 
-        It goes through even after ``closing``: that is how the close frame
-        follows the messages still owed. ``b""`` asks for a half-close.
-        """
+    def wait(self, timeout: float) -> bool:
+        """Wait until this client is back under its bound; False if still over it."""
         with self.lock:
-            if self.dead:
-                return
-            for data in writes:
-                if data:
-                    self.chunks.append(data)
-                    self.queued += len(data)
-                else:
-                    self.eof = True
-            self.closing = self.closing or closing
-            if self.scheduled:
-                return
-            self.scheduled = True
-        self.writer.schedule(self)
+            if self.closing or self.queued + len(self.head) <= self.limit:
+                return True
+            if self.caught_up is None:
+                self.caught_up = threading.Event()
+            caught_up = self.caught_up
+        return caught_up.wait(timeout)
+
+    def over(self) -> bool:
+        """Past the bound now; read without the lock, as a cheap first look."""
+        return self.queued + len(self.head) > self.limit
+
+    def stalled(self) -> bool:
+        """Over the bound with a stalled socket: evict (the caller does)."""
+        with self.lock:
+            if self.closing or self.queued + len(self.head) <= self.limit:
+                return False
+            return self._stalled_locked()
+
+    def _catch_up_locked(self) -> None:
+        assert self.lock.locked()
+        if self.caught_up is not None:
+            self.caught_up.set()
+            self.caught_up = None
 
     def drain(self, timeout: float) -> None:
         """Wait until all that is queued is sent, the socket fails, or ``timeout``."""
@@ -122,6 +198,7 @@ class Outbox:
             self.closing = True
             self.chunks.clear()
             self.queued = 0
+            self._catch_up_locked()
         self.writer.schedule(self)
 
     def flush(self) -> int:
@@ -158,8 +235,13 @@ class Outbox:
                 self.chunks.clear()
                 self.queued = 0
                 self.head = b""
+                self._catch_up_locked()
                 return self._idle()  # nothing more can be sent: drain() must not wait
         with self.lock:
+            if self.queued + len(head) - sent <= self.limit:
+                self.over_since = None
+                if self.caught_up is not None:
+                    self._catch_up_locked()
             if sent == len(head):
                 self.head = b""
                 self.blocked_since = None

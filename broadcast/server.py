@@ -26,7 +26,7 @@ from .bus import LocalBus
 from .config import parse_server_args
 from .connection import Connection
 from .hub import Hub
-from .limits import LIMITS_HEADER, ONLINE_HEADER, AddressCounts, limits_header
+from .limits import LIMITS_HEADER, ONLINE_HEADER, AddressCounts, ByteBudget, limits_header
 from .outbox import WriterPool
 from .redis_bus import RedisBus, RedisUnavailable
 from .tls import TLSTransport, server_context
@@ -48,6 +48,12 @@ TICK_MAX_S = 0.5
 # After accept() fails for lack of file descriptors, wait this long before
 # trying again rather than spinning on the error.
 ACCEPT_BACKOFF_S = 0.1
+# File descriptors kept out of the clients' share: the listener, stdio,
+# the writers' epoll and wake-up sockets, Redis connections, log files.
+FD_RESERVE = 64
+# Connections still in their opening handshake may take at most this share
+# of the descriptors, so that they can never crowd out joined clients.
+OPENING_FD_SHARE = 4
 # Load balancers' health check, on the WebSocket port.
 HEALTH_PATH = "/healthz"
 
@@ -71,6 +77,11 @@ class Server:
         self.wire_log = logging.getLogger("broadcast.wire")
         self._conns: set[Connection] = set()  # accepted, handshaking or joined
         self._per_ip = AddressCounts()  # of self._conns, under the same lock
+        # Those of self._conns that have not joined (yet), under the same lock.
+        self._opening: set[Connection] = set()
+        self._opening_per_ip = AddressCounts()
+        self.max_opening, self.max_joined = _connection_caps(config)
+        self.partial_budget = ByteBudget(config.max_pending_bytes)
         self._conns_changed = threading.Condition()
         self._stopping = False
         self._listener: socket.socket | None = None
@@ -149,6 +160,13 @@ class Server:
                 time.sleep(ACCEPT_BACKOFF_S)
                 continue
             peer = f"{addr[0]}:{addr[1]}"
+            with self._conns_changed:
+                crowded = self._crowded_locked(addr[0])
+            if crowded:
+                # Before a thread or a protocol is spent on it: a flood costs an accept.
+                log.info("refused %s: %s", peer, crowded)
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls:
                 transport = TLSTransport(sock, peer, self.tls)
@@ -161,12 +179,24 @@ class Server:
                     return
                 self._conns.add(conn)
                 self._per_ip.add(conn.ip)
+                self._opening.add(conn)
+                self._opening_per_ip.add(conn.ip)
             try:
                 threading.Thread(target=conn.run, name=f"conn-{peer}", daemon=True).start()
             except RuntimeError as exc:  # out of threads
                 log.error("cannot serve %s: %s", peer, exc)
                 self.forget(conn)
                 transport.close()
+
+    def _crowded_locked(self, ip: str) -> str | None:
+        """Why a new connection from ``ip`` cannot even start its handshake, if it cannot."""
+        assert self._conns_changed._is_owned()
+        if len(self._opening) >= self.max_opening:
+            return "too many connections in their opening handshake"
+        per_ip = self.config.max_handshakes_per_ip
+        if per_ip and self._opening_per_ip[ip] >= per_ip:
+            return "too many connections in their opening handshake from this address"
+        return None
 
     def _tick_loop(self) -> None:
         c = self.config
@@ -194,7 +224,7 @@ class Server:
             if handshake.request_target(request.path, request.headers).path == HEALTH_PATH:
                 return self._health(protocol)
             admission = handshake.admit(request.path, request.headers, self.policy)
-            if len(self._conns) > self.config.max_connections:
+            if self._full():
                 raise handshake.Refused(503, "server full, try again later")
             if limit_per_ip and self._per_ip[conn.ip] > limit_per_ip:
                 raise handshake.Refused(429, "too many connections from your address")
@@ -218,12 +248,15 @@ class Server:
             log.info("refused %s: %d %s", conn.peer, response.status_code, protocol.handshake_exc)
         return response
 
+    def _full(self) -> bool:
+        """No room for one more joined client; what /healthz and admission both go by."""
+        return len(self._conns) - len(self._opening) >= self.max_joined
+
     def _health(self, protocol):
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
         state = self.bus.state
         body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
-        # This request counts as a connection, so it sees "full" exactly when a client would.
-        full = len(self._conns) > self.config.max_connections
+        full = self._full()
         response = protocol.reject(503 if state == "reconnecting" or full else 200, json.dumps(body) + "\n")
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
@@ -232,6 +265,8 @@ class Server:
     def arrive(self, conn: Connection, response: list[bytes]) -> None:
         """Join the hub as the 101 ``response`` is queued; called under ``conn.lock``."""
         conn.joined = True
+        with self._conns_changed:
+            self._opened_locked(conn)
         online = self.hub.join(conn, response)
         log.info("connect %s (%d online)", conn.label, online)
 
@@ -249,7 +284,15 @@ class Server:
         with self._conns_changed:
             self._conns.remove(conn)
             self._per_ip.remove(conn.ip)
+            if conn in self._opening:
+                self._opened_locked(conn)
             self._conns_changed.notify_all()
+
+    def _opened_locked(self, conn: Connection) -> None:
+        """``conn`` no longer counts against the handshake limits (joined or gone)."""
+        assert self._conns_changed._is_owned()
+        self._opening.remove(conn)
+        self._opening_per_ip.remove(conn.ip)
 
     def relay(self, conn: Connection, opcode, payload: bytes) -> None:
         """A whole message arrived: attribute it and send it to everyone."""
@@ -263,6 +306,26 @@ def _is_ipv6(host: str) -> bool:
         return ipaddress.ip_address(host).version == 6
     except ValueError:
         return False  # a name: bound as IPv4
+
+
+def _connection_caps(config) -> tuple[int, int]:
+    """How many connections may be opening and joined at once, within the open-files limit.
+
+    Past the limit accept() fails and the acceptor can do nothing but retry,
+    so we stop short of it: joined clients beyond it get 503, opening ones
+    beyond theirs are closed at accept.
+    """
+    fds = max(2, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE)
+    max_opening = max(1, fds // OPENING_FD_SHARE)
+    if config.max_handshakes:
+        max_opening = min(max_opening, config.max_handshakes)
+    max_joined = fds - max_opening
+    if config.max_connections > max_joined:
+        log.warning("--max-connections %d is more than the open-files limit allows; "
+                    "admitting at most %d (raise ulimit -n for more)", config.max_connections, max_joined)
+    else:
+        max_joined = config.max_connections
+    return max_opening, max_joined
 
 
 def _raise_open_file_limit() -> None:

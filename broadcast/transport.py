@@ -15,8 +15,11 @@ import time
 # so it asks for little: 10,000 idle clients must not pin 64 KiB each.
 RECV_IDLE_BYTES = 2048
 # A reader whose reads come back full asks for four times more, up to this,
-# so a big message or a fast publisher still costs few syscalls.
-RECV_MAX_BYTES = 256 * 1024
+# so a big message or a fast publisher still costs few syscalls; and no
+# more, because one read is parsed at once, and a read full of tiny frames
+# (pings, 1-byte fragments) becomes ~150 bytes of objects per 6 bytes read:
+# at 256 KiB, 1-byte fragments held 8 MiB for 0.25 MiB of payload.
+RECV_MAX_BYTES = 16 * 1024
 
 
 class PlainTransport:
@@ -59,7 +62,7 @@ class PlainTransport:
         if len(data) < want:
             self._want = RECV_IDLE_BYTES
         elif want < RECV_MAX_BYTES:
-            self._want = want * 4
+            self._want = min(want * 4, RECV_MAX_BYTES)
         return data
 
     def encode(self, data: bytes) -> bytes:

@@ -29,7 +29,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A running ``scripts/server.py``, with its log lines collected as they come."""
 
-    def __init__(self, args, env=None, expect_listening: bool = True, program=None) -> None:
+    def __init__(self, args, env=None, expect_listening: bool = True, program=None, preexec_fn=None) -> None:
         # ``program``: what runs the server, when not this interpreter on this checkout.
         program = program or [sys.executable, str(ROOT / "scripts" / "server.py")]
         cmd = [*program, "--host", "127.0.0.1", *args]
@@ -37,7 +37,7 @@ class ServerProcess:
             cmd += ["--port", "0"]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env or clean_env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -108,8 +108,10 @@ def start_server():
     """Factory: ``start_server("--max-connections", "2")`` -> ServerProcess."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True, program=None):
-        server = ServerProcess(list(args), env=env, expect_listening=expect_listening, program=program)
+    def start(*args: str, env: dict[str, str] | None = None, expect_listening: bool = True, program=None,
+              preexec_fn=None):
+        server = ServerProcess(list(args), env=env, expect_listening=expect_listening, program=program,
+                               preexec_fn=preexec_fn)
         started.append(server)
         return server
 

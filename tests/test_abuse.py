@@ -7,7 +7,10 @@ descriptor it took (read from /proc/<pid>, polled until a deadline).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import resource
 import selectors
 import socket
 import struct
@@ -15,11 +18,13 @@ import threading
 import time
 
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from conftest import ServerProcess
 from rawws import (
-    OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, Watcher, assert_chat_works, build_frame, close_payload,
-    handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats, wait_baseline,
+    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, Watcher, assert_chat_works,
+    build_frame, close_payload, handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats, wait_baseline,
 )
 
 OPEN_TIMEOUT = 1.0
@@ -398,3 +403,406 @@ def test_churn(start_server):
         assert growth_mb < 20
         assert_chat_works(server.url, w1, server=server)
         assert w2.connected
+
+
+# One client cannot deny service to the others (issue 8, points 10 to 14).
+# Memory is the server's VmRSS, sampled by a thread; bounds are generous on
+# purpose (they are about what is unbounded today, not about a few MiB).
+
+MIB = 1024 * 1024
+
+
+class RssProbe:
+    """The server's VmRSS, sampled every 20 ms until stopped; ``peak_mib`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before_mib = proc_stats(pid).rss_kb / 1024
+        self.peak_mib = self.before_mib
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak_mib = max(self.peak_mib, proc_stats(self.pid).rss_kb / 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+
+    def now_mib(self) -> float:
+        return proc_stats(self.pid).rss_kb / 1024
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def __repr__(self) -> str:
+        return f"RSS before {self.before_mib:.1f} MiB, peak {self.peak_mib:.1f} MiB"
+
+
+def _connect_from(port: int, source_ip: str, timeout: float = WAIT) -> socket.socket:
+    """A TCP connection from another loopback address: to the server, another client machine."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source_ip, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _ws_from(port: int, source_ip: str, timeout: float = WAIT) -> RawWS:
+    sock = _connect_from(port, source_ip, timeout)
+    sock.sendall(handshake_request(port))
+    response = read_http_response(sock, timeout)
+    assert response is not None and response.status == 101, response
+    return RawWS(sock, response.rest)
+
+
+def _non_reader(port: int) -> RawWS:
+    """A client whose receive buffer is tiny and never read: its server-side socket fills at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(handshake_request(port))
+    response = read_http_response(sock, WAIT)
+    assert response is not None and response.status == 101, response
+    return RawWS(sock, response.rest)
+
+
+def _local_port(ws: RawWS) -> int:
+    return ws.sock.getsockname()[1]
+
+
+HANDSHAKE_FLOOD = 300
+
+
+def test_handshake_flood_from_one_address_does_not_keep_others_out(start_server):
+    """Point 10: hundreds of silent sockets from 127.0.0.1, renewed as they are dropped;
+    127.0.0.2 still joins and chats, and the flood never takes a joined slot."""
+    server = start_server("--open-timeout", "1", "--max-connections", "50", "--max-handshakes-per-ip", "100")
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def flood() -> None:  # keeps HANDSHAKE_FLOOD sockets open, reopening those the server drops
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            for i, s in enumerate(held):
+                if is_eof_or_reset(s, 0):
+                    s.close()
+                    held[i] = open_socket(server.port)
+            while len(held) < HANDSHAKE_FLOOD:
+                held.append(open_socket(server.port))
+            stop.wait(0.05)
+
+    probe = RssProbe(server.proc.pid)
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while len(held) < HANDSHAKE_FLOOD and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waited = []
+        for round_ in range(3):  # across open-timeout renewals
+            started = time.monotonic()
+            with _ws_from(server.port, "127.0.0.2") as ws:
+                waited.append(time.monotonic() - started)
+                text = f"still served {round_}".encode()
+                ws.send_text(text)
+                frame, _ = ws.recv_until(lambda f: f.opcode == OP_TEXT, WAIT)
+                assert frame.payload == text
+                ws.send_close(1000)
+                ws.expect_close(WAIT)
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        flooder.join(10)
+        for s in held:
+            s.close()
+        probe.stop()
+    print(f"\nwith {HANDSHAKE_FLOOD} handshakes held from 127.0.0.1, 127.0.0.2 joined in "
+          + ", ".join(f"{w * 1000:.0f} ms" for w in waited) + f"; {probe}, after {probe.now_mib():.1f} MiB")
+    assert not re.search(r"refused \S+: 503", server.log), "the flood took joined slots"
+    assert re.search(r"refused 127\.0\.0\.1:\d+: too many connections in their opening handshake "
+                     r"from this address", server.log)
+    assert server.proc.poll() is None
+
+
+def test_ping_flood_without_reading_is_evicted(start_server):
+    """Point 11: pongs count against --send-queue-bytes; the pinger is evicted and memory stays bounded."""
+    queue = 1 * MIB
+    server = start_server("--send-queue-bytes", str(queue), "--ping-interval", "0")
+    pid = server.proc.pid
+    settled_stats(pid)
+    with Watcher(server.url) as watcher:
+        pinger = _non_reader(server.port)
+        port = _local_port(pinger)
+        probe = RssProbe(pid)
+        batch = build_frame(OP_PING, b"p" * 125) * 500  # the largest pings: the most owed per ping parsed
+        deadline = time.monotonic() + 20
+        evicted = re.compile(rf"closing anonymous@127\.0\.0\.1:{port}: 1008 slow consumer")
+        try:
+            while time.monotonic() < deadline and not evicted.search(server.log):
+                try:
+                    pinger.send_raw(batch, timeout=0.5)
+                except (socket.timeout, OSError):
+                    pass  # the server stopped reading us: it is deciding our fate
+            server.wait_for_log(evicted.pattern, WAIT)
+            server.wait_for_log(rf"disconnect anonymous@127\.0\.0\.1:{port}: failed: 1008 slow consumer", 2 * WAIT)
+        finally:
+            probe.stop()
+            pinger.close()
+        assert_chat_works(server.url, watcher, server=server)
+    print(f"\nping flood: evicted with 1008; {probe}; after {probe.now_mib():.1f} MiB")
+    # The owed pongs (<= 1 MiB) plus what one read parses at once and the kernel's buffers.
+    assert probe.peak_mib - probe.before_mib < queue / MIB + 8, probe
+
+
+READERS, NON_READERS = 10, 2
+BIG = 1 * MIB
+
+
+def test_fast_publisher_is_slowed_and_only_stuck_sockets_are_evicted(start_server):
+    """Point 12: 1 MiB messages flat out to 10 readers and 2 non-readers."""
+    queue = 4 * MIB
+    server = start_server("--send-queue-bytes", str(queue), "--max-message-size", str(BIG + 16),
+                          "--ping-interval", "0", "--write-timeout", "60")
+    pid = server.proc.pid
+    settled_stats(pid)
+    received = [0] * (READERS + 1)
+
+    def drain(i: int, ws) -> None:  # a websockets client reading as fast as it can
+        try:
+            for message in ws:
+                received[i] += 1
+        except ConnectionClosed:
+            pass
+
+    def drain_echoes(ws: RawWS) -> None:  # the publisher reads its echoes in a thread of its own
+        try:
+            while True:
+                if ws.recv_frame(60).opcode == OP_BINARY:
+                    received[READERS] += 1
+        except (AssertionError, OSError):
+            pass  # closed, or nothing for a minute
+
+    contexts = contextlib.ExitStack()  # websockets wants its clients entered
+    readers = [contexts.enter_context(connect(server.url, max_size=None, close_timeout=1)) for _ in range(READERS)]
+    publisher = RawWS.connect(server.port)
+    stuck = [_non_reader(server.port) for _ in range(NON_READERS)]
+    stuck_ports = {_local_port(w) for w in stuck}
+    threads = [threading.Thread(target=drain, args=(i, ws), daemon=True) for i, ws in enumerate(readers)]
+    threads.append(threading.Thread(target=drain_echoes, args=(publisher,), daemon=True))
+    for t in threads:
+        t.start()
+    probe = RssProbe(pid)
+    evictions = re.compile(r"closing anonymous@127\.0\.0\.1:(\d+): 1008 slow consumer")
+    sent = 0
+    payload = os.urandom(BIG)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and (sent < 30 or len(evictions.findall(server.log)) < NON_READERS):
+            publisher.send_binary(payload, timeout=30)
+            sent += 1
+        stop_at = time.monotonic() + 30
+        while time.monotonic() < stop_at and min(received) < sent and all(t.is_alive() for t in threads):
+            time.sleep(0.05)
+    finally:
+        probe.stop()
+        for ws in [publisher, *stuck]:
+            ws.close()
+        contexts.close()
+        for t in threads:
+            t.join(5)
+    evicted = {int(p) for p in evictions.findall(server.log)}
+    print(f"\n{sent} messages of 1 MiB; evicted {sorted(evicted)}; non-readers {sorted(stuck_ports)}; "
+          f"readers got {received[:READERS]}, the publisher {received[READERS]}; {probe}, after {probe.now_mib():.1f} MiB")
+    assert evicted == stuck_ports, server.log[-3000:]
+    assert min(received) == sent, (received, sent)
+    # Each client owes at most --send-queue-bytes plus one message, in its own joined copy.
+    assert probe.peak_mib - probe.before_mib < (READERS + NON_READERS + 1) * (queue + BIG) / MIB + 32, probe
+
+
+TRICKLE_MESSAGES = 60
+TRICKLE_BYTES = 64 * 1024
+
+
+def test_a_client_that_drains_slower_than_the_room_is_evicted_not_waited_for(start_server):
+    """A client that keeps reading, but slower than the room talks, must not hold every publisher
+    back: once it has stayed past its bound with its socket full it is a slow consumer, even
+    though its socket never stops taking data."""
+    server = start_server("--send-queue-bytes", str(4 * TRICKLE_BYTES), "--ping-interval", "0",
+                          "--write-timeout", "60")
+    trickle = _non_reader(server.port)
+    trickle_port = _local_port(trickle)
+    stop = threading.Event()
+
+    def sip() -> None:  # 512 bytes every 50 ms: its socket keeps taking data, 10 KB/s
+        trickle.sock.settimeout(0.05)
+        while not stop.wait(0.05):
+            try:
+                if not trickle.sock.recv(512):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    sipper = threading.Thread(target=sip, daemon=True)
+    sipper.start()
+    with connect(server.url, max_size=None, close_timeout=1) as reader:
+        publisher = RawWS.connect(server.port)
+        try:
+            payload = os.urandom(TRICKLE_BYTES)
+            for _ in range(TRICKLE_MESSAGES):
+                publisher.send_binary(payload, timeout=30)
+            got = 0
+            deadline = time.monotonic() + 30
+            while got < TRICKLE_MESSAGES and time.monotonic() < deadline:
+                got += isinstance(reader.recv(timeout=deadline - time.monotonic()), bytes)
+        finally:
+            stop.set()
+            publisher.close()
+            sipper.join(5)
+            trickle.close()
+    assert got == TRICKLE_MESSAGES
+    server.wait_for_log(rf"closing anonymous@127\.0\.0\.1:{trickle_port}: 1008 slow consumer")
+
+
+FD_LIMIT = 200
+
+
+def _open_files_limit(limit: int):
+    def apply() -> None:  # in the server's process, before it starts: soft and hard, so it cannot raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+def test_admissions_stop_short_of_the_open_files_limit(start_server):
+    """Point 13: past what its descriptors allow, clients get 503 and everyone joined still gets every message."""
+    server = start_server("--ping-interval", "0", preexec_fn=_open_files_limit(FD_LIMIT))
+    probe = RssProbe(server.proc.pid)
+    joined: list[RawWS] = []
+    silent: list[socket.socket] = []
+    statuses: dict[int, int] = {}
+    try:
+        for i in range(FD_LIMIT + 50):
+            sock = open_socket(server.port)
+            sock.sendall(handshake_request(server.port))
+            try:
+                response = read_http_response(sock, WAIT)
+            except Timeout:
+                response = None
+            assert response is not None, f"client {i} got no answer ({len(joined)} joined)"
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status == 101:
+                joined.append(RawWS(sock, response.rest))
+            else:
+                sock.close()
+        cap = len(joined)
+        assert 0 < cap < FD_LIMIT and statuses == {101: cap, 503: FD_LIMIT + 50 - cap}, statuses
+        # More sockets than descriptors are left, held open while we broadcast.
+        silent = [open_socket(server.port) for _ in range(FD_LIMIT)]
+        for round_ in range(3):
+            text = f"to all {cap}, round {round_}".encode()
+            started = time.monotonic()
+            joined[round_].send_text(text)
+            for ws in joined:
+                ws.recv_until(lambda f: f.opcode == OP_TEXT and f.payload == text, WAIT)
+            print(f"\nround {round_}: all {cap} joined clients had the broadcast in "
+                  f"{(time.monotonic() - started) * 1000:.0f} ms, {FD_LIMIT} silent sockets pending")
+    finally:
+        for s in silent:
+            s.close()
+        for ws in joined:
+            ws.close()
+        probe.stop()
+    print(f"{statuses}; {probe}, after {probe.now_mib():.1f} MiB")
+    assert "accept failed" not in server.log
+    assert re.search(rf"--max-connections 10000 is more than the open-files limit allows; admitting at most {cap}\b",
+                     server.log)
+    assert server.proc.poll() is None
+
+
+FRAGMENTED = 256 * 1024
+EMPTY_FRAMES = 1_000_000
+
+
+def _sync(ws: RawWS) -> None:
+    """Everything sent so far has been parsed: pongs are answered in order."""
+    token = os.urandom(8)
+    ws.ping(token)
+    ws.recv_until(lambda f: f.opcode == OP_PONG and f.payload == token, 60)
+
+
+def test_fragmented_message_memory_is_a_small_multiple_of_its_payload(start_server):
+    """Point 14: 1-byte fragments and empty continuation frames do not grow memory beyond the payload."""
+    server = start_server("--ping-interval", "0")
+    pid = server.proc.pid
+    settled_stats(pid)
+    with Watcher(server.url) as watcher, RawWS.connect(server.port) as ws:
+        probe = RssProbe(pid)
+        ws.send_raw(build_frame(OP_BINARY, b"x", fin=False))
+        one_byte = build_frame(OP_CONT, b"x", fin=False, mask_key=b"\0\0\0\0")
+        ws.send_raw(one_byte * (FRAGMENTED - 1), timeout=60)
+        _sync(ws)
+        fragments_mib = probe.now_mib() - probe.before_mib
+        ws.send_raw(build_frame(OP_CONT, b"", fin=False) * EMPTY_FRAMES, timeout=60)
+        _sync(ws)
+        empty_mib = probe.now_mib() - probe.before_mib
+        ws.send_raw(build_frame(OP_CONT, b"", fin=True))
+        watcher.wait_for(lambda msgs: b"x" * FRAGMENTED in msgs, WAIT, "the reassembled message")
+        probe.stop()
+    print(f"\n{FRAGMENTED} 1-byte fragments: +{fragments_mib:.1f} MiB; then {EMPTY_FRAMES} empty ones: "
+          f"+{empty_mib:.1f} MiB; {probe}")
+    payload_mib = FRAGMENTED / MIB
+    # The payload, a copy of it, and what one 16 KiB read parses into frames at once.
+    assert fragments_mib < 4 * payload_mib + 4, fragments_mib
+    # Empty frames add nothing to hold (today about 10 bytes each).
+    assert empty_mib - fragments_mib < 3, (fragments_mib, empty_mib)
+
+
+HOLDERS = 500
+HOLD_LIMIT = 256 * 1024
+BUDGET = 16 * MIB
+
+
+def test_unfinished_messages_share_one_budget_and_give_it_back(start_server):
+    """Point 14: 500 clients each holding a message just under the limit; past the budget, 1013."""
+    server = start_server("--max-message-size", str(HOLD_LIMIT), "--max-pending-bytes", str(BUDGET),
+                          "--ping-interval", "0")
+    pid = server.proc.pid
+    settled_stats(pid)
+    held = HOLD_LIMIT - 1024
+    piece = HOLD_LIMIT // 4
+    frames = (build_frame(OP_BINARY, b"h" * piece, fin=False)
+              + build_frame(OP_CONT, b"h" * piece, fin=False) * 2
+              + build_frame(OP_CONT, b"h" * (held - 3 * piece), fin=False))
+    holders: list[RawWS] = []
+    with Watcher(server.url) as watcher:
+        probe = RssProbe(pid)
+        try:
+            for _ in range(HOLDERS):
+                ws = RawWS.connect(server.port)
+                holders.append(ws)
+                try:
+                    ws.send_raw(frames, timeout=WAIT)
+                except OSError:
+                    pass  # refused and closed while we sent: that is the point
+            most = BUDGET // held
+            refused = server.wait_for_log(r"closing anonymous@\S+: 1013 server busy", 4 * WAIT, count=HOLDERS - most)
+            assert refused
+            assert_chat_works(server.url, watcher, server=server)
+            peak = probe.now_mib()
+        finally:
+            for ws in holders:
+                ws.close()
+        server.wait_for_log(r"disconnect .*\((\d+) online\)", 4 * WAIT, count=HOLDERS + 1)
+        wait_baseline(pid, settled_stats(pid), timeout=4 * WAIT)
+        probe.stop()
+        after = probe.now_mib()
+        assert_chat_works(server.url, watcher, server=server)
+    print(f"\n{HOLDERS} holders of {held} bytes, budget {BUDGET // MIB} MiB: "
+          f"{len(re.findall('closing .*1013 server busy', server.log))} refused with 1013; {probe}, "
+          f"with all holding {peak:.1f} MiB, after they left {after:.1f} MiB")
+    # The budget, plus what 500 connections cost anyway (threads, protocol objects, a read each).
+    assert probe.peak_mib - probe.before_mib < BUDGET / MIB + HOLDERS * 0.25 + 32, probe
+    assert after - probe.before_mib < 32, (after, probe)
