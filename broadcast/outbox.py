@@ -31,12 +31,10 @@ QUEUED = 0
 BEHIND = 1  # over the bound while its socket takes data: the writers are behind, slow the publisher
 EVICTED = 2  # over the bound with its socket stuck: a slow consumer, backlog dropped
 
-# A client past its bound is a slow consumer once its socket has taken nothing
-# for this long, or has stayed past the bound this long with its socket full
-# (it drains, but slower than the room talks: waiting for it would hold every
-# publisher back). A client reading at full speed empties its socket within
-# milliseconds, even when one send of a big backlog fills it, but a busy
-# machine may not run it for a second or so.
+# A socket that has taken nothing for this long has stopped taking data; a
+# client reading at full speed empties it within milliseconds, even when one
+# send of a big backlog fills it, but a busy machine may not run it for a
+# second or so.
 STALLED_AFTER_S = 2.0
 # What one queued control chunk costs beyond its bytes (object header, list
 # slot): pongs are 2 bytes, so counting bytes alone would let a pinger owe
@@ -54,7 +52,7 @@ class Outbox:
 
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "queued", "head",
-        "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since", "over_since",
+        "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
         "drained", "caught_up",
     )
 
@@ -73,7 +71,6 @@ class Outbox:
         self.dead = False  # the reader is done; the socket can go
         self.registered = False  # in the writer's epoll set (writer thread only)
         self.blocked_since: float | None = None  # socket full since then
-        self.over_since: float | None = None  # past the bound since then
         self.drained: threading.Event | None = None  # set when idle; for drain()
         self.caught_up: threading.Event | None = None  # set when back under the bound; for wait()
 
@@ -99,8 +96,6 @@ class Outbox:
                 state = BEHIND
             self.chunks.append(frame)
             self.queued = queued
-            if self.over_since is None and queued + len(self.head) > self.limit:
-                self.over_since = time.monotonic()
             if self.scheduled:
                 return state
             self.scheduled = True
@@ -130,8 +125,6 @@ class Outbox:
                     return False
                 self.chunks.append(data)
                 self.queued = queued
-                if self.over_since is None and queued + len(self.head) > self.limit:
-                    self.over_since = time.monotonic()
             self.closing = self.closing or closing
             if self.scheduled:
                 return True
@@ -143,10 +136,7 @@ class Outbox:
         """Past the bound: if the socket has stalled, drop the backlog and say so."""
         assert self.lock.locked()
         blocked_since = self.blocked_since
-        if blocked_since is None:
-            return False  # the socket takes all we give it: our writers are behind, not the client
-        since = blocked_since if self.over_since is None else min(blocked_since, self.over_since)
-        if time.monotonic() - since < STALLED_AFTER_S:
+        if blocked_since is None or time.monotonic() - blocked_since < STALLED_AFTER_S:
             return False
         self.closing = True
         self.chunks.clear()
@@ -238,10 +228,8 @@ class Outbox:
                 self._catch_up_locked()
                 return self._idle()  # nothing more can be sent: drain() must not wait
         with self.lock:
-            if self.queued + len(head) - sent <= self.limit:
-                self.over_since = None
-                if self.caught_up is not None:
-                    self._catch_up_locked()
+            if self.caught_up is not None and self.queued + len(head) - sent <= self.limit:
+                self._catch_up_locked()
             if sent == len(head):
                 self.head = b""
                 self.blocked_since = None

@@ -621,52 +621,6 @@ def test_fast_publisher_is_slowed_and_only_stuck_sockets_are_evicted(start_serve
     assert probe.peak_mib - probe.before_mib < (READERS + NON_READERS + 1) * (queue + BIG) / MIB + 32, probe
 
 
-TRICKLE_MESSAGES = 60
-TRICKLE_BYTES = 64 * 1024
-
-
-def test_a_client_that_drains_slower_than_the_room_is_evicted_not_waited_for(start_server):
-    """A client that keeps reading, but slower than the room talks, must not hold every publisher
-    back: once it has stayed past its bound with its socket full it is a slow consumer, even
-    though its socket never stops taking data."""
-    server = start_server("--send-queue-bytes", str(4 * TRICKLE_BYTES), "--ping-interval", "0",
-                          "--write-timeout", "60")
-    trickle = _non_reader(server.port)
-    trickle_port = _local_port(trickle)
-    stop = threading.Event()
-
-    def sip() -> None:  # 512 bytes every 50 ms: its socket keeps taking data, 10 KB/s
-        trickle.sock.settimeout(0.05)
-        while not stop.wait(0.05):
-            try:
-                if not trickle.sock.recv(512):
-                    return
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    sipper = threading.Thread(target=sip, daemon=True)
-    sipper.start()
-    with connect(server.url, max_size=None, close_timeout=1) as reader:
-        publisher = RawWS.connect(server.port)
-        try:
-            payload = os.urandom(TRICKLE_BYTES)
-            for _ in range(TRICKLE_MESSAGES):
-                publisher.send_binary(payload, timeout=30)
-            got = 0
-            deadline = time.monotonic() + 30
-            while got < TRICKLE_MESSAGES and time.monotonic() < deadline:
-                got += isinstance(reader.recv(timeout=deadline - time.monotonic()), bytes)
-        finally:
-            stop.set()
-            publisher.close()
-            sipper.join(5)
-            trickle.close()
-    assert got == TRICKLE_MESSAGES
-    server.wait_for_log(rf"closing anonymous@127\.0\.0\.1:{trickle_port}: 1008 slow consumer")
-
-
 FD_LIMIT = 200
 
 
