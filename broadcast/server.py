@@ -112,7 +112,7 @@ class Server:
             conn.abort("shutdown timeout")
         if left:
             log.warning("shutdown timeout: dropped %d connection(s)", len(left))
-        self.bus.close()
+        self.bus.close(deadline)  # a frozen Redis cannot stretch the shutdown
         log.info("stopped")
 
     # Acceptor and ticker threads.
@@ -196,7 +196,7 @@ class Server:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
         state = self.bus.state
         body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
-        response = protocol.reject(503 if state == "reconnecting" else 200, json.dumps(body) + "\n")
+        response = protocol.reject(200 if state in ("ok", "off") else 503, json.dumps(body) + "\n")
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response
@@ -223,11 +223,15 @@ class Server:
             self._per_ip.remove(conn.ip)
             self._conns_changed.notify_all()
 
-    def relay(self, conn: Connection, opcode, payload: bytes) -> None:
-        """A whole message arrived: attribute it and send it to everyone."""
+    def relay(self, conn: Connection, opcode, payload: bytes):
+        """A whole message arrived: attribute it and send it to everyone.
+
+        Returns what ``bus.settle`` takes to wait for the sender's own copy,
+        or None when it is already in the sender's outbox.
+        """
         if opcode is Opcode.TEXT and conn.prefix:
             payload = conn.prefix + payload
-        self.bus.publish(opcode, payload)
+        return self.bus.publish(opcode, payload)
 
 
 def _raise_open_file_limit() -> None:
