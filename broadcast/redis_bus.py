@@ -220,7 +220,8 @@ class RedisBus:
                         return None
                     self._stop.wait(PUBLISH_RETRY_PAUSE_S)
                     continue
-                pending.published = True
+                with self._lock:
+                    pending.published = True  # the watchdog's next sync can now account for it
                 return seq
         self._hub.broadcast(encode(opcode, payload), skip)
         return None

@@ -683,6 +683,13 @@ def test_last_message_before_close_is_echoed_before_the_close_reply_20_of_20(sta
     assert_no_traceback(a)
 
 
+def _wait_status(node, status: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while health(node)[0] != status:
+        assert time.monotonic() < deadline, f"/healthz never said {status}"
+        time.sleep(0.02)
+
+
 def _stall(kind: str, redis_server, nodes):
     """Start a stall or a failure of ``kind``; returns what ends it (and waits until it has)."""
     admin = redis_server.admin
@@ -690,7 +697,7 @@ def _stall(kind: str, redis_server, nodes):
         redis_server.freeze()
 
         def heal():
-            wait_health(nodes[0], "stalled", WAIT)  # past the publish timeout, and /healthz knows
+            _wait_status(nodes[0], 503)  # past the publish timeout, and /healthz knows
             redis_server.thaw()
         return heal
     if kind == "debug-sleep":
@@ -698,8 +705,8 @@ def _stall(kind: str, redis_server, nodes):
         sleeper.send_command("DEBUG", "SLEEP", "1.2")  # Redis sleeps before it reads what comes next
         return sleeper.read_response  # OK once it wakes
     if kind == "client-pause":
-        admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # past the 1 s publish timeout
-        return redis_server.client(timeout=WAIT).ping  # answered once the pause is over
+        admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # PUBLISH waits past its 1 s timeout
+        return lambda: redis_server.client(timeout=WAIT).publish("probe", "")  # once the pause is over
     assert kind == "client-kill-pubsub"
     seen = [count_lines(node, BACK) for node in nodes]
     admin.client_kill_filter(_type="pubsub")
@@ -710,13 +717,35 @@ def _stall(kind: str, redis_server, nodes):
     return heal
 
 
-def _collect(ws, until: set, got: list) -> None:
+def _collect(ws, until: set, got: list, timeout: float = WAIT) -> None:
     """Read into ``got`` until every message of ``until`` is among them."""
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + timeout
     while not until <= set(got):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"still missing {sorted(until - set(got))}"
-        got.append(recv(ws, remaining))
+        try:
+            got.append(recv(ws, max(0.01, deadline - time.monotonic())))
+        except TimeoutError:
+            raise AssertionError(f"still missing {sorted(until - set(got))}; got {got}") from None
+
+
+FENCES = 10  # tries to see Redis carry a message from each node to every client again
+FENCE_WAIT_S = 1.0
+
+
+def _wait_healed(senders: dict, clients: dict, got: dict, attempt: int) -> None:
+    """Until a message from each node reaches every client: Redis carries across nodes again.
+
+    A node still counting Redis as stalled delivers its own clients' messages
+    locally; each fence that does not get through is followed by another.
+    """
+    for k in range(FENCES):
+        fences = {f"{attempt} fence {who} {k}" for who in senders}
+        for who, ws in senders.items():
+            ws.send(f"{attempt} fence {who} {k}")
+        with contextlib.suppress(AssertionError):
+            for name, ws in clients.items():
+                _collect(ws, fences, got[name], FENCE_WAIT_S)
+            return
+    raise AssertionError(f"Redis never carried messages across nodes again: {got}")
 
 
 @pytest.mark.redis
@@ -740,8 +769,7 @@ def test_a_redis_stall_mid_publish_loses_no_own_echo_doubles_nothing_and_heals_t
             during = f"{attempt} during S"
             s.send(during)
             heal()
-            wait_health(a, "ok", WAIT)
-            wait_health(b, "ok", WAIT)
+            _wait_healed({"S": s, "T": t}, clients, got, attempt)
             posts = [f"{attempt} post {who} {i}" for i in range(POSTS) for who in "ST"]
             senders = [threading.Thread(target=lambda ws=ws, who=who: [
                 ws.send(p) for p in posts if p.split()[2] == who]) for who, ws in (("S", s), ("T", t))]
@@ -784,11 +812,17 @@ EXIT_SLACK_S = 1.5
 
 @pytest.mark.redis
 def test_shutdown_timeout_bounds_the_whole_shutdown_with_redis_frozen(start_server, redis_server):
-    """Point 17: a client that never answers the close holds the shutdown its whole timeout, no more."""
+    """Point 17: a client that never answers the close holds the shutdown its whole timeout, no more.
+
+    A message published into the freeze makes the node give up on Redis
+    first, as in a real outage.
+    """
     (a,) = start_nodes(start_server, redis_server, 1, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))
-    with RawWS.connect(a.port, username="Mute"):
-        wait_connections(a, 1)
+    with RawWS.connect(a.port, username="Mute"), ws_connect(a.url) as chatty:
+        wait_connections(a, 2)
         redis_server.freeze()
+        chatty.send("into the freeze")
+        assert recv(chatty, WAIT) == "into the freeze"  # delivered locally once Redis is given up
         started = time.monotonic()
         rc = a.stop(signal.SIGTERM, WAIT)
         took = time.monotonic() - started
