@@ -223,7 +223,7 @@ class Server:
             self._per_ip.remove(conn.ip)
             self._conns_changed.notify_all()
 
-    def relay(self, conn: Connection, opcode, payload: bytes):
+    def relay(self, conn: Connection, opcode, payload: bytes) -> int | None:
         """A whole message arrived: attribute it and send it to everyone.
 
         Returns what ``bus.settle`` takes to wait for the sender's own copy,
