@@ -818,7 +818,7 @@ def test_shutdown_timeout_bounds_the_whole_shutdown_with_redis_frozen(start_serv
     first, as in a real outage.
     """
     (a,) = start_nodes(start_server, redis_server, 1, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))
-    with RawWS.connect(a.port, username="Mute"), ws_connect(a.url) as chatty:
+    with RawWS.connect(a.port), ws_connect(a.url) as chatty:  # anonymous: no notices
         wait_connections(a, 2)
         redis_server.freeze()
         chatty.send("into the freeze")
