@@ -48,8 +48,10 @@ class TestRedis:
             save='""',  # no RDB snapshots; appendonly is "no" by default
             datadir=datadir,
         )
-        # DEBUG SLEEP, for the stall tests; Redis 7 refuses DEBUG unless told.
-        self.executor.command_parts += ["--enable-debug-command", "local"]
+        # DEBUG SLEEP, for the stall tests: Redis 7 refuses DEBUG unless told
+        # (and an older one refuses the option).
+        if self.executor.version.major >= 7:
+            self.executor.command_parts += ["--enable-debug-command", "local"]
         self._clients: list[redis.Redis] = []
         self._admin: redis.Redis | None = None
         self._frozen = False
