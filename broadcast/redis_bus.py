@@ -247,7 +247,15 @@ class RedisBus:
     # Watchdog thread.
 
     def _watch(self) -> None:
+        stalled = False  # as last logged
         while not self._stop.wait(WATCHDOG_INTERVAL_S):
+            if stalled != (self.state == "stalled"):
+                stalled = not stalled
+                if stalled:
+                    log.error("redis %s answers nothing for %.0f s; delivering locally until it does",
+                              self.url, WATCHDOG_TIMEOUT_S)
+                else:
+                    log.info("redis %s answers again", self.url)
             sync = next(self._syncs)
             with self._lock:
                 published = [seq for seq, p in self._pending.items() if p.published]

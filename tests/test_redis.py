@@ -798,9 +798,12 @@ def test_healthz_turns_503_when_redis_freezes_even_with_nobody_chatting(start_se
     parsed = wait_health(a, "stalled", WAIT)
     print(f"[redis] /healthz said stalled {time.monotonic() - started:.2f}s after SIGSTOP")
     assert _parse_health(a)[0] == 503 and parsed["connections"] == 0
+    a.wait_for_log(r"ERROR redis \S+ answers nothing", WAIT)  # one line for the operator
     redis_server.thaw()
     wait_health(a, "ok", WAIT)
     assert _parse_health(a)[0] == 200
+    a.wait_for_log(r"redis \S+ answers again", WAIT)
+    assert count_lines(a, "answers nothing") == 1
     assert_no_traceback(a)
 
 
