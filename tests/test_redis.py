@@ -663,6 +663,7 @@ def test_cross_node_latency_100_clients_on_2_nodes(start_server, redis_server, r
 ORDER_TRIES = 20  # the issue's figure: 1 to 9 of 20 were in order before
 STALL_TRIES = 3  # per kind of stall; each lost or doubled a message most of the time before
 POSTS = 10  # per sender, after Redis heals: enough interleaving to show one order
+LATE_COPY_S = 0.3  # after the last post: room for a repeat that Redis brings back late
 
 
 @pytest.mark.redis
@@ -684,6 +685,7 @@ def test_last_message_before_close_is_echoed_before_the_close_reply_20_of_20(sta
 
 
 def _wait_status(node, status: int) -> None:
+    """Poll /healthz until it answers ``status``, whatever its body says."""
     deadline = time.monotonic() + WAIT
     while health(node)[0] != status:
         assert time.monotonic() < deadline, f"/healthz never said {status}"
@@ -779,8 +781,11 @@ def test_a_redis_stall_mid_publish_loses_no_own_echo_doubles_nothing_and_heals_t
                 sender.join(WAIT)
             for name, ws in clients.items():
                 _collect(ws, set(posts) | ({during} if name in ("S", "RA") else set()), got[name])
-            with contextlib.suppress(TimeoutError):  # a late copy of "during" from Redis
-                got["S"].append(recv(s, 0.3))
+            late = time.monotonic() + LATE_COPY_S  # one shared window for a late second copy
+            for name, ws in clients.items():
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        got[name].append(recv(ws, max(0.01, late - time.monotonic())))
             for name, messages in got.items():
                 twice = [m for m, n in Counter(messages).items() if n > 1]
                 assert not twice, f"try {attempt}: {name} got {twice} twice: {messages}"
