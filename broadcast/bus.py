@@ -22,7 +22,11 @@ class LocalBus:
         self._hub = hub
 
     def publish(self, opcode: Opcode, payload: bytes, skip=None) -> None:
-        """Deliver to every local client except ``skip`` (a joiner or leaver)."""
+        """Deliver to every local client except ``skip`` (a joiner or leaver).
+
+        Returns None: the sender's own copy is in its outbox already, so
+        there is nothing to settle.
+        """
         self._hub.broadcast(encode(opcode, payload), skip)
 
     def check(self) -> None:
@@ -31,5 +35,5 @@ class LocalBus:
     def start(self) -> None:
         """Nothing to subscribe to."""
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
         """Nothing to disconnect from."""

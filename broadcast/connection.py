@@ -70,6 +70,9 @@ class Connection:
         self._partial = bytearray()
         self._opcode = None
         self._held = 0  # bytes of unfinished messages counted in server.partial_budget
+        # The bus's handle on this client's last message while it may still
+        # be on its way back to the client (round Redis); see _settle.
+        self._unechoed = None
         # Keepalive and closing deadlines, read by the ticker.
         self._ping: bytes | None = None
         self._ping_at = time.monotonic()
@@ -194,8 +197,11 @@ class Connection:
                 else:
                     protocol.receive_eof()
                 events = protocol.events_received()
+                owed = bool(protocol.writes)  # replies to this read's last frames
             self._handle(events)
             self._hold(len(self._partial) + len(protocol.reader.buffer))
+            if owed:
+                self._settle()  # they follow the sender's own last message
             self.server.hub.wait_writers(self)
             with self.lock:
                 # After relaying: a message that came with a close frame is
@@ -205,10 +211,30 @@ class Connection:
             if not data or done:
                 return  # the closing handshake is complete: the server hangs up first
 
-    def _handle(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            if not self._on_frame(frame):
+    def _handle(self, events: list) -> None:
+        """Frames, and the protocol's replies owed before the next one (see BroadcastProtocol)."""
+        for event in events:
+            if type(event) is list:
+                self._settle()
+                with self.lock:  # pongs only: a close ends the read
+                    queued = self.outbox.put_control(event, closing=False)
+                    if not queued:
+                        self._evict_locked()  # it pings without reading: a slow consumer
+                if not queued:
+                    break
+            elif not self._on_frame(event):
                 break
+
+    def _settle(self) -> None:
+        """Wait (bounded) until the client's own last message is in its outbox.
+
+        Round Redis, the echo comes back on another thread; what the
+        protocol answers next (a pong, the close reply) must follow it,
+        and a client leaving the hub would miss it.
+        """
+        if self._unechoed is not None:
+            self.server.bus.settle(self._unechoed)
+            self._unechoed = None
 
     def _on_frame(self, frame: Frame) -> bool:
         """Handle one incoming frame; False once the connection has failed."""
@@ -230,6 +256,7 @@ class Connection:
         elif opcode is _CLOSE:
             if self.protocol.close_rcvd_then_sent:
                 self.why = f"closed by client: {self.protocol.close_rcvd}"
+            self._settle()
             self._leave()  # before the close is answered: once it is, the client is gone
         return True
 
@@ -271,7 +298,7 @@ class Connection:
         if self._bucket is not None and not self._bucket.take():
             self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return False
-        self.server.relay(self, opcode, payload)
+        self._unechoed = self.server.relay(self, opcode, payload)
         return True
 
     # Any thread.

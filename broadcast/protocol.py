@@ -6,6 +6,15 @@ goes, so a later check would let a pong or a clean close follow an invalid
 frame. Raising from ``recv_frame`` makes the library fail the connection at
 that very frame with 1007, and discard the rest.
 
+Replies keep their place among messages. The library answers a ping inside
+``receive_data``, before we see the frames of that read, and a message is
+relayed only once its last frame is handled, so a pong taken from
+``data_to_send`` afterwards would follow the echo of a message that came
+after the ping. ``recv_frame`` therefore moves the replies owed so far into
+the event list, as a list of bytes, ahead of the next frame: the reader
+sends each such list when it reaches it. What the last frames of a read
+are owed (a close reply above all) stays in ``data_to_send``, for after.
+
 The size limit is the library's own: it refuses a frame from its header,
 before buffering it. It counts a control frame against what is left of the
 current message, so a ping inside a message within 125 bytes of the limit
@@ -49,6 +58,8 @@ class BroadcastProtocol(ServerProtocol, _FramesAfterResponse):
         self._decoder = None  # while a text message is in progress
 
     def recv_frame(self, frame: Frame) -> None:
+        if self.writes:
+            self.events.append(self.data_to_send())  # owed before whatever this frame completes
         opcode = frame.opcode
         if opcode is _TEXT or opcode is _BINARY:
             if self.current_size is not None:

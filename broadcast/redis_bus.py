@@ -7,24 +7,36 @@ nothing received is ever published again, no message can loop.
 
 The envelope on the channel is one JSON header line, then the payload bytes::
 
-    {"v": 1, "node": "3f2a9c1e4b7d", "op": "text", "skip": 17}\\n[Alice] hi
+    {"v": 2, "node": "3f2a9c1e4b7d", "seq": 17, "op": "text"}\\n[Alice] hi
 
 ``op`` is ``text`` or ``binary``; the payload is the message exactly as
-clients get it, already attributed. ``skip``, when not null, names a
-connection of the origin node that must not get it (a joiner does not see
-its own "joined" notice).
+clients get it, already attributed. ``node`` and ``seq`` name the message
+once and for all: a publish that timed out may still have reached Redis, so
+it is retried under the same id, and every node delivers an id once.
+Version 1 envelopes (no ``seq``, a ``skip`` instead) are still delivered.
 
-While Redis is unreachable the node delivers its own clients' messages
-locally, so they keep chatting among themselves, and retries with capped
-exponential backoff; ``state`` says which it is doing, for /healthz.
+Exactly once for the sender: each node keeps its own messages that have
+not come back yet (``_pending``). One that comes back is delivered from the
+channel, in Redis's order. One the channel lost (the subscription broke
+while it was published) is found by a sync: a node's watchdog publishes
+``op: sync`` every WATCHDOG_INTERVAL_S, and Redis relays in order, so an
+own message published before the sync and still pending when the sync
+returns never will; it is then delivered locally. The same round trip
+tells /healthz whether Redis answers at all.
+
+While Redis is unreachable or stalled the node delivers its own clients'
+messages locally, so they keep chatting among themselves, and retries with
+capped exponential backoff; ``state`` says which it is doing, for /healthz.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import threading
-import weakref
+import time
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -37,14 +49,19 @@ from .redact import redact_url
 
 log = logging.getLogger("broadcast.redis")
 
-ENVELOPE_VERSION = 1
-# A reader thread publishing its client's message waits at most this long
-# for Redis before the message is delivered locally instead.
+ENVELOPE_VERSION = 2
+# One attempt to publish waits at most this long for Redis.
 PUBLISH_TIMEOUT_S = 1.0
+# A reader thread retries its client's message (same id, so never twice)
+# for this long before delivering it locally instead: a Redis stall shorter
+# than this costs a delay, not the room's order.
+PUBLISH_DEADLINE_S = 2.5
+# Between two attempts, so a refused connection does not spin.
+PUBLISH_RETRY_PAUSE_S = 0.05
 # Connections shared by all reader threads for publishing; a burst beyond
 # this waits (up to PUBLISH_TIMEOUT_S) rather than opening more.
 PUBLISH_CONNECTIONS = 8
-# How often the listener wakes to notice shutdown or a failed publish.
+# How often the listener wakes to notice shutdown.
 LISTEN_POLL_S = 0.25
 # At start, how long the server waits for its subscription before taking
 # clients anyway (Redis is slow, or --redis-optional and unreachable).
@@ -54,13 +71,60 @@ SUBSCRIBE_WAIT_S = 2.0
 # one attempt a second.
 RECONNECT_FIRST_S = 0.05
 RECONNECT_CAP_S = 1.0
+# The watchdog's sync goes round Redis this often; when none has come back
+# for WATCHDOG_TIMEOUT_S, Redis is "stalled" (/healthz 503, delivery local).
+WATCHDOG_INTERVAL_S = 0.5
+WATCHDOG_TIMEOUT_S = 2.0
+# A closing client's close reply waits at most this long for the echo of its
+# last message; then the echo is delivered locally, still before the close.
+ECHO_WAIT_S = 2.0
+# Per origin node, how far back an id may arrive late (reordered by
+# concurrent publishers, or retried) and still be told apart from a repeat.
+DEDUP_WINDOW = 4096
+# Origin nodes remembered for deduplication; a restarted node has a new id.
+MAX_ORIGINS = 256
 
 _OPS = {Opcode.TEXT: "text", Opcode.BINARY: "binary"}
 _OPCODES = {name: op for op, name in _OPS.items()}
+_SYNC = "sync"
 
 
 class RedisUnavailable(Exception):
     pass
+
+
+class _Pending:
+    """An own message on its way round Redis."""
+
+    __slots__ = ("frame", "skip", "published")
+
+    def __init__(self, frame: bytes, skip) -> None:
+        self.frame = frame
+        self.skip = skip  # a joiner that must not get its own notice
+        self.published = False  # Redis has acknowledged it
+
+
+class _Origin:
+    """Which ids of one other node this node has delivered: all up to ``top`` but ``gaps``."""
+
+    __slots__ = ("top", "gaps")
+
+    def __init__(self, seq: int) -> None:
+        self.top = seq - 1  # a node joining late never gets what came before
+        self.gaps: set[int] = set()
+
+    def first_time(self, seq: int) -> bool:
+        if seq > self.top:
+            if seq - self.top <= DEDUP_WINDOW:
+                self.gaps.update(range(self.top + 1, seq))
+            self.top = seq
+            if len(self.gaps) > DEDUP_WINDOW:
+                self.gaps = {g for g in self.gaps if g > seq - DEDUP_WINDOW}
+            return True
+        if seq in self.gaps:
+            self.gaps.remove(seq)
+            return True
+        return False
 
 
 class RedisBus:
@@ -69,24 +133,41 @@ class RedisBus:
         self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.channel = channel
         self.node_id = node_id
-        self.state = "reconnecting"  # then "ok"; read by /healthz
-        # Joiners awaiting their own notice, by id; weak so a notice lost
-        # with Redis cannot keep a connection alive.
-        self._joiners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        no_retry = Retry(ExponentialBackoff(), 0)  # our listener owns reconnecting
+        self._seqs = itertools.count(1)  # next() is atomic: ids never repeat
+        self._syncs = itertools.count(1)
+        # _lock guards _pending, _resolve and _origins; its condition tells
+        # settle() that an own message has been delivered.
+        self._lock = threading.Condition()
+        self._pending: dict[int, _Pending] = {}
+        self._resolve: dict[int, list[int]] = {}  # sync number -> ids published before it
+        self._origins: collections.OrderedDict[str, _Origin] = collections.OrderedDict()
+        self._listening = False  # subscribed now (listener only writes it)
+        self._heard_at = 0.0  # monotonic time our last sync came back
+        no_retry = Retry(ExponentialBackoff(), 0)  # we own retrying
         self._client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             url, max_connections=PUBLISH_CONNECTIONS, timeout=PUBLISH_TIMEOUT_S,
             socket_timeout=PUBLISH_TIMEOUT_S, socket_connect_timeout=PUBLISH_TIMEOUT_S,
             retry=no_retry,
         ))
         self._listen_client = redis.Redis.from_url(
-            url, socket_connect_timeout=PUBLISH_TIMEOUT_S, retry=no_retry,
+            url, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S,
+            retry=no_retry,
         )
         self._backoff = ExponentialBackoff(cap=RECONNECT_CAP_S, base=RECONNECT_FIRST_S)
         self._failures = 0  # reconnect attempts in the current outage (listener only)
         self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="redis-listener", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="redis-watchdog", daemon=True)
+
+    @property
+    def state(self) -> str:
+        """For /healthz and publish: "ok", "stalled" (no answer lately) or "reconnecting"."""
+        if not self._listening:
+            return "reconnecting"
+        if time.monotonic() - self._heard_at > WATCHDOG_TIMEOUT_S:
+            return "stalled"
+        return "ok"
 
     def check(self) -> None:
         """Raise RedisUnavailable unless Redis answers now.
@@ -103,31 +184,91 @@ class RedisBus:
     def start(self) -> None:
         """Subscribe before the server takes clients, so none misses the room."""
         self._listener.start()
+        self._watchdog.start()
         self._subscribed.wait(SUBSCRIBE_WAIT_S)
 
-    def close(self) -> None:
-        """Unsubscribe and close every Redis connection (graceful shutdown)."""
+    def close(self, deadline: float) -> None:
+        """Unsubscribe and close every Redis connection, by ``deadline`` (monotonic) at the latest.
+
+        A frozen Redis must not hold the shutdown past --shutdown-timeout:
+        the threads are daemons, and every socket has a timeout.
+        """
         self._stop.set()
-        self._listener.join(LISTEN_POLL_S * 4 + PUBLISH_TIMEOUT_S)
+        for thread in (self._listener, self._watchdog):
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._client.connection_pool.disconnect()  # a pool passed in is not closed for us
         self._listen_client.close()
 
     # Reader threads.
 
-    def publish(self, opcode: Opcode, payload: bytes, skip=None) -> None:
+    def publish(self, opcode: Opcode, payload: bytes, skip=None) -> int | None:
+        """Send round Redis; the id to settle() on, or None if delivered here already."""
         if self.state == "ok":
-            header = {"v": ENVELOPE_VERSION, "node": self.node_id, "op": _OPS[opcode],
-                      "skip": None if skip is None else id(skip)}
-            if skip is not None:
-                self._joiners[id(skip)] = skip
-            try:
-                self._client.publish(self.channel, json.dumps(header).encode() + b"\n" + payload)
-                return
-            except redis.RedisError as exc:
-                if self.state == "ok":
-                    self.state = "reconnecting"  # the listener logs and reconnects
-                    log.debug("publish failed: %s", exc)
+            seq = next(self._seqs)
+            header = {"v": ENVELOPE_VERSION, "node": self.node_id, "seq": seq, "op": _OPS[opcode]}
+            data = json.dumps(header).encode() + b"\n" + payload
+            pending = _Pending(encode(opcode, payload), skip)
+            with self._lock:
+                self._pending[seq] = pending
+            deadline = time.monotonic() + PUBLISH_DEADLINE_S
+            while True:
+                try:
+                    self._client.publish(self.channel, data)
+                except redis.RedisError as exc:
+                    if time.monotonic() + PUBLISH_RETRY_PAUSE_S >= deadline or self._stop.is_set():
+                        log.debug("publish %d failed: %s; delivering it locally", seq, exc)
+                        self._deliver_own(seq)
+                        return None
+                    self._stop.wait(PUBLISH_RETRY_PAUSE_S)
+                    continue
+                with self._lock:
+                    pending.published = True  # the watchdog's next sync can now account for it
+                return seq
         self._hub.broadcast(encode(opcode, payload), skip)
+        return None
+
+    def settle(self, seq: int) -> None:
+        """Return once own message ``seq`` has been delivered here, waiting at most ECHO_WAIT_S.
+
+        A sender's close reply must follow its own last message: when Redis
+        does not bring it back in time, it is delivered locally, once.
+        """
+        with self._lock:
+            self._lock.wait_for(lambda: seq not in self._pending, ECHO_WAIT_S)
+        self._deliver_own(seq)
+
+    def _deliver_own(self, seq: int) -> None:
+        """Deliver own message ``seq`` unless someone already has: the pop decides, under the lock."""
+        with self._lock:
+            pending = self._pending.pop(seq, None)
+            self._lock.notify_all()
+        if pending is not None:
+            self._hub.broadcast(pending.frame, pending.skip)
+
+    # Watchdog thread.
+
+    def _watch(self) -> None:
+        stalled = False  # as last logged
+        while not self._stop.wait(WATCHDOG_INTERVAL_S):
+            if stalled != (self.state == "stalled"):
+                stalled = not stalled
+                if stalled:
+                    log.error("redis %s answers nothing for %.0f s; delivering locally until it does",
+                              self.url, WATCHDOG_TIMEOUT_S)
+                else:
+                    log.info("redis %s answers again", self.url)
+            sync = next(self._syncs)
+            with self._lock:
+                published = [seq for seq, p in self._pending.items() if p.published]
+                if published:
+                    self._resolve[sync] = published
+            header = {"v": ENVELOPE_VERSION, "node": self.node_id, "seq": sync, "op": _SYNC}
+            try:
+                self._client.publish(self.channel, json.dumps(header).encode() + b"\n")
+            except redis.RedisError as exc:
+                log.debug("watchdog sync failed: %s", exc)
+                with self._lock:
+                    self._resolve.pop(sync, None)
 
     # Listener thread.
 
@@ -143,44 +284,81 @@ class RedisBus:
                 elif self._failures == 0:  # one error line per outage
                     log.error("redis %s unreachable: %s; delivering locally until it is back",
                               self.url, exc)
-                self.state = "reconnecting"
+                self._listening = False
                 self._failures += 1
+                self._deliver_published()
                 self._stop.wait(self._backoff.compute(self._failures))
             finally:
                 self._close_pubsub(pubsub)
 
     def _pump(self, pubsub) -> None:
         """Deliver from the channel until shutdown, or until Redis fails."""
-        subscribed = False
         while not self._stop.is_set():
-            if subscribed and self.state != "ok":
-                raise redis.ConnectionError("a publish failed")  # reconnect, then resume
             message = pubsub.get_message(timeout=LISTEN_POLL_S)
             if message is None:
                 continue
             if message["type"] == "subscribe":
-                subscribed = True
                 if self._failures:
                     log.info("redis %s is back; cross-node delivery resumed", self.url)
                     self._failures = 0
-                self.state = "ok"
+                self._heard_at = time.monotonic()
+                self._listening = True
                 self._subscribed.set()
             elif message["type"] == "message":
                 self._deliver(message["data"])
+
+    def _deliver_published(self) -> None:
+        """The subscription broke: own messages Redis took may never come back; deliver them now."""
+        with self._lock:
+            published = [seq for seq, p in self._pending.items() if p.published]
+        for seq in published:
+            self._deliver_own(seq)
 
     def _deliver(self, data: bytes) -> None:
         try:
             head, _, payload = data.partition(b"\n")
             header = json.loads(head)
-            opcode = _OPCODES[header["op"]]
-            node, skip_id = header["node"], header["skip"]
-            if skip_id is not None and type(skip_id) is not int:
-                raise TypeError("skip must be a connection id")
+            version, node, op = header["v"], header["node"], header["op"]
+            if version == 1:
+                if header["skip"] is not None and type(header["skip"]) is not int:
+                    raise TypeError("skip must be a connection id")
+                seq = None
+            else:
+                seq = header["seq"]
+                if type(seq) is not int or version != ENVELOPE_VERSION or type(node) is not str:
+                    raise TypeError("an id is a node and a number")
+            opcode = None if op == _SYNC and seq is not None else _OPCODES[op]
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed message on channel %s", self.channel)
             return
-        skip = self._joiners.pop(skip_id, None) if node == self.node_id and skip_id else None
-        self._hub.broadcast(encode(opcode, payload), skip)
+        if node == self.node_id and seq is not None:
+            if opcode is None:
+                self._synced(seq)
+            else:
+                self._deliver_own(seq)  # dropped if already delivered (a retry, or a fallback)
+        elif opcode is not None and (seq is None or self._first_time(node, seq)):
+            self._hub.broadcast(encode(opcode, payload))
+
+    def _synced(self, sync: int) -> None:
+        """Our sync came back: Redis answers, and what it took before the sync is in."""
+        self._heard_at = time.monotonic()
+        with self._lock:
+            lost = []
+            for done in [s for s in self._resolve if s <= sync]:
+                lost += self._resolve.pop(done)
+        for seq in lost:
+            self._deliver_own(seq)
+
+    def _first_time(self, node: str, seq: int) -> bool:
+        with self._lock:
+            origin = self._origins.get(node)
+            if origin is None:
+                origin = self._origins[node] = _Origin(seq)
+                if len(self._origins) > MAX_ORIGINS:
+                    self._origins.popitem(last=False)
+            else:
+                self._origins.move_to_end(node)
+            return origin.first_time(seq)
 
     def _close_pubsub(self, pubsub) -> None:
         try:

@@ -144,7 +144,7 @@ class Server:
             conn.drop("shutdown timeout")
         if left:
             log.warning("shutdown timeout: dropped %d connection(s)", len(left))
-        self.bus.close()
+        self.bus.close(deadline)  # a frozen Redis cannot stretch the shutdown
         log.info("stopped")
 
     # Acceptor and ticker threads.
@@ -256,8 +256,8 @@ class Server:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
         state = self.bus.state
         body = {"connections": len(self.hub), "node": self.node_id, "redis": state}
-        full = self._full()
-        response = protocol.reject(503 if state == "reconnecting" or full else 200, json.dumps(body) + "\n")
+        healthy = state in ("ok", "off") and not self._full()
+        response = protocol.reject(200 if healthy else 503, json.dumps(body) + "\n")
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response
@@ -294,11 +294,15 @@ class Server:
         self._opening.remove(conn)
         self._opening_per_ip.remove(conn.ip)
 
-    def relay(self, conn: Connection, opcode, payload: bytes) -> None:
-        """A whole message arrived: attribute it and send it to everyone."""
+    def relay(self, conn: Connection, opcode, payload: bytes) -> int | None:
+        """A whole message arrived: attribute it and send it to everyone.
+
+        Returns what ``bus.settle`` takes to wait for the sender's own copy,
+        or None when it is already in the sender's outbox.
+        """
         if opcode is Opcode.TEXT and conn.prefix:
             payload = conn.prefix + payload
-        self.bus.publish(opcode, payload)
+        return self.bus.publish(opcode, payload)
 
 
 def _is_ipv6(host: str) -> bool:

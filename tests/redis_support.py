@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -47,8 +48,13 @@ class TestRedis:
             save='""',  # no RDB snapshots; appendonly is "no" by default
             datadir=datadir,
         )
+        # DEBUG SLEEP, for the stall tests: Redis 7 refuses DEBUG unless told
+        # (and an older one refuses the option).
+        if self.executor.version.major >= 7:
+            self.executor.command_parts += ["--enable-debug-command", "local"]
         self._clients: list[redis.Redis] = []
         self._admin: redis.Redis | None = None
+        self._frozen = False
 
     @property
     def url(self) -> str:
@@ -65,6 +71,15 @@ class TestRedis:
     def crash(self) -> None:
         """SIGKILL: connections die with the process."""
         self.executor.kill(wait=True, sig=9)
+
+    def freeze(self) -> None:
+        """SIGSTOP: Redis keeps its sockets open and answers nothing, like a stalled host."""
+        os.kill(self.executor.process.pid, signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        os.kill(self.executor.process.pid, signal.SIGCONT)
+        self._frozen = False
 
     def running(self) -> bool:
         return self.executor.running()
@@ -93,6 +108,8 @@ class TestRedis:
             time.sleep(0.02)
 
     def close(self) -> None:
+        if self._frozen:
+            self.thaw()
         for client in self._clients:
             client.close()
         self.executor.stop()

@@ -349,6 +349,31 @@ def test_message_then_close_in_one_packet(wire_server, watcher, raw):
     still_chatting(wire_server, watcher)
 
 
+def test_pings_fragments_and_close_in_one_read_are_answered_in_arrival_order(wire_server, watcher, raw):
+    """Issue 8, point 15: a reply keeps its place among the messages.
+
+    A ping that arrives before a message's last fragment is answered before
+    that message is relayed; one that arrives after it, after; and the close
+    reply comes last, all from one read.
+    """
+    first, second = tag().encode(), tag().encode()
+    raw.send_raw(
+        build_frame(OP_PING, b"before")
+        + build_frame(OP_TEXT, first)
+        + build_frame(OP_TEXT, second[:3], fin=False)
+        + build_frame(OP_PING, b"inside")
+        + build_frame(OP_CONT, second[3:6], fin=False)
+        + build_frame(OP_CONT, second[6:], fin=True)
+        + build_frame(OP_PING, b"after")
+        + build_frame(OP_CLOSE, close_payload(1000)))
+    frames = raw.wait_eof(WAIT)
+    got = [(f.opcode, f.close_code if f.opcode == OP_CLOSE else f.payload) for f in frames]
+    assert got == [(OP_PONG, b"before"), (OP_TEXT, first), (OP_PONG, b"inside"), (OP_TEXT, second),
+                   (OP_PONG, b"after"), (OP_CLOSE, 1000)], got
+    watcher.wait_message(second.decode())
+    still_chatting(wire_server, watcher)
+
+
 HALF_CLOSE_TRIES = 30
 
 
