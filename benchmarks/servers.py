@@ -69,15 +69,19 @@ PIP_HINT = "pip install -e '.[bench]'"
 GO_HINT = "apt-get install golang-go golang-github-gorilla-websocket-dev"
 
 
-def _failure(cmd: list[str], what: str, hint: str, **kwargs) -> str | None:
-    """Run a preparation step; None if it succeeded, else what went wrong, with its last line of stderr."""
+def _failure(cmd: list[str], what: str, hint: str, last_only: bool, **kwargs) -> str | None:
+    """Run a preparation step; None if it succeeded, else what went wrong, with its stderr on one line.
+
+    ``last_only``: just the last line, where it says it all (a Python traceback's).
+    """
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, **kwargs)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{what}: {exc}"
     if done.returncode:
         lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-        return f"{what}: {lines[-1] if lines else f'exit {done.returncode}'} ({hint})"
+        said = (lines[-1:] if last_only else lines) or [f"exit {done.returncode}"]
+        return f"{what}: {' '.join(said)} ({hint})"
     return None
 
 
@@ -85,14 +89,14 @@ def prepare(kind: str) -> str | None:
     """Make peer ``kind`` ready to start; None if it is, else why it is missing (shown in the report)."""
     if kind in PYTHON_PEERS:  # imported in a child: a library that fails to load must not take the harness along
         module = PYTHON_PEERS[kind][1]
-        return _failure([sys.executable, "-c", f"import {module}"], f"import {module}", PIP_HINT, cwd=ROOT)
+        return _failure([sys.executable, "-c", f"import {module}"], f"import {module}", PIP_HINT, True, cwd=ROOT)
     if kind == "gorilla":
         go = shutil.which("go")
         if go is None:
             return f"go not found ({GO_HINT})"
         GORILLA_BINARY.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GO111MODULE="off", GOPATH=GO_PATH, GOFLAGS="")
-        return _failure([go, "build", "-o", str(GORILLA_BINARY), "."], "go build", GO_HINT,
+        return _failure([go, "build", "-o", str(GORILLA_BINARY), "."], "go build", GO_HINT, False,
                         cwd=GORILLA_SOURCE, env=env)
     return None
 
