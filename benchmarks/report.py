@@ -41,14 +41,14 @@ SHOWN = {
                       ("lost", "lost (others)", "{:,.0f}"),
                       ("undelivered", "undelivered (others)", "{:,.0f}")],
 }
-# Scenarios of our server alone (the reference has no Redis mode): one
+# Scenarios of our server alone (no peer has a Redis mode): one
 # column per variant, ratios to our own single node without Redis measured
-# in the same runs, never to the reference. Variants: (metric prefix, heading).
+# in the same runs, never to a peer. Variants: (metric prefix, heading).
 OURS_ONLY = {
     "redis-latency": {
-        "title": "redis-latency: our server only (the reference has no Redis mode); 100 subscribers, 50 per node,\n"
+        "title": "redis-latency: our server only (no peer has a Redis mode); 100 subscribers, 50 per node,\n"
                  "on 2 nodes sharing one redis-server, 1 publisher on node A at 200 msg/s, 64 B; 1 node = the same\n"
-                 "load on one node without Redis, run alongside. Ratios are to that 1-node run, not to the reference.",
+                 "load on one node without Redis, run alongside. Ratios are to that 1-node run, not to a peer.",
         "variants": [("single_", "1 node"), ("same_node_", "node A"), ("cross_node_", "node B")],
         "subheads": ["no Redis", "via Redis", "cross-node"],
         "rows": [("p50_ms", "p50 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"), ("max_ms", "max ms", "{:.2f}"),
@@ -82,7 +82,10 @@ def median(values: list, never_last: bool = False):
 
 
 def summarize(results: dict) -> dict:
-    """{scenario: {kind: [run metrics]}} -> medians per kind; ours / best peer ("ratio", "best") and / each peer ("vs")."""
+    """{scenario: {kind: [run metrics]}} -> medians per kind, and ours / peer.
+
+    "ratio" is ours / the best peer, "best" names it, "vs" has ours / each peer.
+    """
     summary = {}
     for scenario, by_kind in results.items():
         keys = {k for runs in by_kind.values() for run in runs for k, v in run.items()

@@ -264,7 +264,7 @@ def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
 def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """The latency load over 2 nodes sharing one Redis, and on 1 node without Redis for comparison.
 
-    Ours only: the reference has no Redis mode. Each call runs both
+    Ours only: no peer has a Redis mode. Each call runs both
     variants on fresh processes, alternating which goes first.
     """
     if kind != "ours":
@@ -339,7 +339,11 @@ def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
 
 
 def capacity(kind: str, pool: LoadPool, ctx: Context) -> dict:
-    """N connections (one of them publishes once, and receives its echo like the rest)."""
+    """N connections dialled 64 at a time, then one of them publishes once (and receives its echo like the rest).
+
+    The connect rate over the first ``plan.rate_conns`` and over all N shows
+    whether accepting slows as connections pile up.
+    """
     plan = ctx.plan
     n = plan.capacity_conns
     with started(kind, ctx.log) as server:
