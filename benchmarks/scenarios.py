@@ -91,7 +91,7 @@ class Plan:
         not a measurement.
         """
         if quick:
-            return cls(warmup_s=0.3, measure_s=1.0, slow_measure_s=1.5,
+            return cls(warmup_s=0.3, measure_s=1.0, slow_measure_s=1.0,
                        capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0)
         return cls(warmup_s=1.0, measure_s=5.0, slow_measure_s=7.0,
                    capacity_conns=10_000, capacity_repeats=2, rate_conns=5_000, fanout_measure_s=5.0)
