@@ -3,8 +3,8 @@
 The example's way to send to many: keep the connected transports in a set and
 call ``transport.send`` on each; picows copies the frame into each transport's
 buffer, so one received payload can go to all. The example holds weak
-references only so clients do not keep a dead server alive; this process
-exits with its server, so it keeps the transports themselves. Run:
+references so that clients hold none to each other once its server is
+gone; this process exits with its server, so it keeps the transports. Run:
 python -m benchmarks.peers.picows_server --port N
 """
 
