@@ -1,4 +1,4 @@
-"""Benchmark harness: our thread-based server against a websockets asyncio reference.
+"""Benchmark harness: our thread-based server against the peers users pick: websockets, picows, socketify, gorilla.
 
 Run ``python -m benchmarks run`` (``--quick`` for a smoke test). The load
 generator lives in separate processes with a deliberately minimal receive

@@ -1,7 +1,9 @@
-"""``python -m benchmarks run``: every scenario against both servers, interleaved, then a table.
+"""``python -m benchmarks run``: every scenario against every server, interleaved, then a table.
 
-Runs alternate ours, reference, ours, reference... so that slow drift of
-the machine (heat, background work) lands on both sides alike.
+Runs take the servers in turn, ours, websockets, picows, socketify, gorilla,
+ours, ... so that slow drift of the machine (heat, background work) lands on
+all of them alike. A peer that cannot be installed or built is reported as
+missing, with the reason, in the progress, the table and the JSON.
 ``python -m benchmarks profile`` runs one scenario against ours under py-spy.
 """
 
@@ -73,7 +75,8 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
                      f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
         return ", ".join(parts)
     if scenario == "capacity":
-        parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s, "
+        parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s "
+                     f"(first ones {report.fmt(m['connect_first_per_s'], '{:,.0f}')}/s), "
                      f"{m['rss_per_conn_kib']:.1f} KiB/conn, reach {report.fmt(m['broadcast_reach_ms'], '{:.0f}')} ms")
     else:
         parts.append(f"{m['deliveries_per_s']:,.0f} deliveries/s")
@@ -88,11 +91,16 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
 
 def run(args: argparse.Namespace) -> int:
     plan = Plan.make(args.quick)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 2)
     selected = args.scenario or list(SCENARIOS)
-    results = {name: {kind: [] for kind in SCENARIO_KINDS.get(name, KINDS)} for name in selected}
-    errors = []
     RESULTS.mkdir(parents=True, exist_ok=True)
+    wanted = args.server or list(KINDS)
+    missing = {kind: why for kind in wanted if (why := servers.prepare(kind))}
+    for kind, why in missing.items():
+        print(f"missing: {NAMES[kind]}: {why}", file=sys.stderr, flush=True)
+    kinds = [kind for kind in KINDS if kind in wanted and kind not in missing]
+    results = {name: {kind: [] for kind in SCENARIO_KINDS.get(name, KINDS) if kind in kinds} for name in selected}
+    errors = []
     version = _server_version()
     background = _background_cpu_pct()
     if background > QUIET_MAX_PCT:
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for name in selected:
                 reps = min(repeats, plan.capacity_repeats) if name == "capacity" else repeats
                 for rep in range(reps):
-                    for kind in SCENARIO_KINDS.get(name, KINDS):
+                    for kind in results[name]:
                         try:
                             metrics = SCENARIOS[name](kind, pool, ctx)
                         except Exception as exc:  # one broken run must not lose the others
@@ -127,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(), "websockets": websockets.__version__,
             "cpus": os.cpu_count(), "load_processes": args.procs, "quick": args.quick,
             "repeats": repeats, "elapsed_s": elapsed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "plan": dataclasses.asdict(plan), "servers": NAMES, "background_cpu_pct": background,
+            "plan": dataclasses.asdict(plan), "servers": NAMES, "missing": missing,
+            "background_cpu_pct": background,
             "server_code": version,
             "redis_server": _redis_version() if "redis-latency" in selected else None,
         },
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     document["summary"] = summary = report.summarize(results)
     document["targets"] = target_rows = report.targets(summary, plan)
     report.write_json(Path(args.out), document)
-    print(report.table(summary, target_rows))
+    print(report.table(summary, target_rows, missing))
     print(f"\n{len(selected)} scenario(s), {repeats} repeat(s), {elapsed:.0f} s; "
           f"{args.procs} load processes; results in {args.out}")
     for error in errors:
@@ -150,7 +159,8 @@ def show(args: argparse.Namespace) -> int:
     """Print the table again from a results file."""
     document = report.read_json(Path(args.file))
     summary = report.summarize(document["runs"])
-    print(report.table(summary, report.targets(summary, Plan.load(document["meta"]["plan"]))))
+    print(report.table(summary, report.targets(summary, Plan.load(document["meta"]["plan"])),
+                       document["meta"].get("missing", {})))
     return 0
 
 
@@ -175,13 +185,15 @@ def profile_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark the broadcast server against a websockets asyncio reference.")
+        description="Benchmark the broadcast server against its peers: websockets, picows, socketify, gorilla.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("run", help="run the scenarios against both servers")
-    p.add_argument("--quick", action="store_true", help="short runs, 1 repeat, 2,000-connection capacity (~1-2 min)")
+    p = commands.add_parser("run", help="run the scenarios against every server")
+    p.add_argument("--quick", action="store_true", help="short runs, 1 repeat, 2,000-connection capacity (< 2 min)")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
                    help="run only this scenario (repeatable; default all)")
-    p.add_argument("--repeats", type=int, default=None, help="runs per server and scenario (default 3, quick 1)")
+    p.add_argument("--server", action="append", choices=list(KINDS),
+                   help="run only this server (repeatable; default all)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per server and scenario (default 2, quick 1)")
     p.add_argument("--procs", type=int, default=max(2, os.cpu_count() or 2),
                    help="load-generator processes (default: one per core, at least 2)")
     p.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON results file (default %(default)s)")

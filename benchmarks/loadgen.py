@@ -95,6 +95,8 @@ class Job:
     measure_s: float = 1.0  # deliveries and send times counted in this window
     drain_s: float = 2.0  # after the window: time to receive what is still in flight
     connect_timeout_s: float = 30.0
+    connect_concurrency: int = 0  # handshakes in flight at once; 0: CONNECT_CONCURRENCY
+    rate_conns: int = 0  # when this many are up, t_rate_ns is taken: the connect rate of the first ones
 
 
 class Client:
@@ -182,11 +184,12 @@ def _open_clients(job: Job):
     pending: dict[int, Client] = {}
     clients: list[Client] = []
     failed = 0
+    concurrency = job.connect_concurrency or CONNECT_CONCURRENCY
     t_first = time.monotonic_ns()
-    t_last = t_first
+    t_last = t_rate = t_first
     with select.epoll() as ep:
         while (roles or pending) and time.monotonic() < deadline:
-            while roles and len(pending) < CONNECT_CONCURRENCY:
+            while roles and len(pending) < concurrency:
                 pub, counted, slow = roles.pop()
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
@@ -213,13 +216,15 @@ def _open_clients(job: Job):
                 if done:
                     t_last = time.monotonic_ns()
                     clients.append(client)
+                    if len(clients) == job.rate_conns:
+                        t_rate = t_last
                 else:
                     failed += 1
                     client.sock.close()
         for client in pending.values():
             failed += 1
             client.sock.close()
-    return clients, failed, t_first, t_last
+    return clients, failed, t_first, t_last, t_rate
 
 
 def _drive(job: Job, clients: list[Client], shared, index: int, nworkers: int, t0_ns: int):
@@ -410,9 +415,10 @@ def _drive(job: Job, clients: list[Client], shared, index: int, nworkers: int, t
 def _run_job(job: Job, pipe, shared, index: int, nworkers: int) -> None:
     clients: list[Client] = []
     try:
-        clients, failed, t_first, t_last = _open_clients(job)
+        clients, failed, t_first, t_last, t_rate = _open_clients(job)
         pipe.send(("ready", {
             "connected": len(clients), "failed": failed, "t_first_ns": t_first, "t_last_ns": t_last,
+            "t_rate_ns": t_rate if job.rate_conns and len(clients) >= job.rate_conns else None,
             "slow_ports": [c.sock.getsockname()[1] for c in clients if c.slow],
         }))
         command = pipe.recv()

@@ -7,15 +7,15 @@ limit are raised, as ours does, so the capacity scenario compares servers and
 not kernel queue defaults. Run: python -m benchmarks.reference_server --port N
 """
 
-import argparse
 import asyncio
 import http
-import resource
 import sys
 from urllib.parse import urlsplit
 
 import websockets
 from websockets.asyncio.server import serve
+
+from .peers import command_line
 
 MAX_SIZE_BYTES = 1024 * 1024  # ours: --max-message-size default
 LISTEN_BACKLOG = 4096  # ours: LISTEN_BACKLOG
@@ -44,12 +44,7 @@ async def main(host: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = command_line(__doc__.splitlines()[0])
     try:
         asyncio.run(main(args.host, args.port))
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Start, observe and stop the servers under test, the same way for both.
+"""Start, observe and stop the servers under test, the same way for all of them.
 
 Each measurement gets a fresh server process, so memory and thread counts
 start from zero and no run inherits another's backlog. Everything observed
@@ -51,7 +51,54 @@ _PR_SET_PDEATHSIG = 1
 # Loopback HTTP must not go through an http_proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-NAMES = {"ours": "broadcast", "ref": "reference"}
+NAMES = {"ours": "broadcast", "ref": "websockets", "picows": "picows", "socketify": "socketify",
+         "gorilla": "gorilla hub"}
+# The peers written in Python: the module each runs, and what it imports.
+PYTHON_PEERS = {"ref": ("benchmarks.reference_server", "websockets"),
+                "picows": ("benchmarks.peers.picows_server", "picows"),
+                "socketify": ("benchmarks.peers.socketify_server", "socketify")}
+# The Go peer is built at every run (go's build cache makes a rebuild ~0.1 s)
+# against Debian's golang-github-gorilla-websocket-dev in GOPATH mode, since
+# Go modules cannot be fetched here.
+GORILLA_SOURCE = ROOT / "benchmarks" / "peers" / "gorilla_hub"
+GORILLA_BINARY = ROOT / "benchmarks" / "results" / "gorilla-hub"  # git-ignored
+GO_PATH = "/usr/share/gocode"
+# A first build of the Go peer takes ~2 s here; far longer means something is wrong.
+BUILD_TIMEOUT_S = 120.0
+PIP_HINT = "pip install -e '.[bench]'"
+GO_HINT = "apt-get install golang-go golang-github-gorilla-websocket-dev"
+
+
+def _failure(cmd: list[str], what: str, hint: str, last_only: bool, **kwargs) -> str | None:
+    """Run a preparation step; None if it succeeded, else what went wrong, with its stderr on one line.
+
+    ``last_only``: just the last line, where it says it all (a Python traceback's).
+    """
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, **kwargs)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{what}: {exc}"
+    if done.returncode:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        said = (lines[-1:] if last_only else lines) or [f"exit {done.returncode}"]
+        return f"{what}: {' '.join(said)} ({hint})"
+    return None
+
+
+def prepare(kind: str) -> str | None:
+    """Make peer ``kind`` ready to start; None if it is, else why it is missing (shown in the report)."""
+    if kind in PYTHON_PEERS:  # imported in a child: a library that fails to load must not take the harness along
+        module = PYTHON_PEERS[kind][1]
+        return _failure([sys.executable, "-c", f"import {module}"], f"import {module}", PIP_HINT, True, cwd=ROOT)
+    if kind == "gorilla":
+        go = shutil.which("go")
+        if go is None:
+            return f"go not found ({GO_HINT})"
+        GORILLA_BINARY.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GO111MODULE="off", GOPATH=GO_PATH, GOFLAGS="")
+        return _failure([go, "build", "-o", str(GORILLA_BINARY), "."], "go build", GO_HINT, False,
+                        cwd=GORILLA_SOURCE, env=env)
+    return None
 
 
 def _command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -66,7 +113,9 @@ def _command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
         return [exe, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--protected-mode", "yes", "--logfile", "", "--loglevel", "warning",
                 *extra]
-    return [sys.executable, "-m", "benchmarks.reference_server", "--host", HOST, "--port", str(port), *extra]
+    if kind == "gorilla":
+        return [str(GORILLA_BINARY), "-host", HOST, "-port", str(port), *extra]
+    return [sys.executable, "-m", PYTHON_PEERS[kind][0], "--host", HOST, "--port", str(port), *extra]
 
 
 def die_with_parent() -> None:
@@ -126,7 +175,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    kind: str  # "ours" or "ref"
+    kind: str  # a key of NAMES, or "redis"
     proc: subprocess.Popen
     port: int
 
