@@ -21,13 +21,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
+from operator import itemgetter
 from typing import NamedTuple
 
 from broadcast.chat.ids import format_id
 
 # What one kept entry costs beyond its two frames' bytes: the Entry object,
 # the two bytes objects' headers, its two floats and its int, and its deque
-# slot (sys.getsizeof on CPython 3.11; tests/unit/test_history.py checks it).
+# slot (sys.getsizeof on CPython 3.11; tests/unit/test_chat_history.py checks it).
 ENTRY_OVERHEAD_BYTES = 230
 # When the node's histories pass their total, the budget sheds down to this
 # fraction of it, so that the walk over every room runs once per 1/16 of the
@@ -36,7 +37,13 @@ LOW_WATER_FRACTION = 15 / 16
 
 
 class Entry:
-    """One kept message. ``born`` is the injected monotonic clock's time at append."""
+    """One kept message, as the room's fan-out built it.
+
+    ``plain`` is the very bytes object queued to plain-text clients live (a
+    reference, not a copy); ``replay`` is
+    ``Frame(Opcode.TEXT, structured.history(...).encode()).serialize(mask=False)``.
+    ``born`` is set by ``History.append`` from its injected monotonic clock.
+    """
 
     __slots__ = ("seq", "ts", "sender", "plain", "replay", "born")
 
@@ -112,8 +119,10 @@ class History:
 
         SEQ is normally ``next_seq``; a larger one (SEQ assigned elsewhere, as
         by Redis, with messages this node never saw) leaves a hole that
-        ``since`` counts as missed. When this returns True the caller calls
-        ``budget.enforce()`` once it has released the room's lock.
+        ``since`` counts as missed, and one not past the last (a stream read
+        again after an outage) is a ValueError, so a caller can skip it. When
+        this returns True the caller calls ``budget.enforce()`` once it has
+        released the room's lock.
         """
         assert self.lock.locked()
         if entry.seq <= self.last_seq:
@@ -250,10 +259,9 @@ class HistoryBudget:
                 # Sizes read here may move before each room's lock is taken: a
                 # pass picks good victims, not exact ones, and every room
                 # still charges what it frees.
-                rooms = sorted(self._rooms, key=_held, reverse=True)
-                sizes = [room.bytes for room in rooms]
-            level, count = water_level(sizes, excess)
-            for room in rooms[:count]:
+                held = sorted(((room.bytes, room) for room in self._rooms), key=itemgetter(0), reverse=True)
+            level, count = water_level([size for size, _ in held], excess)
+            for _, room in held[:count]:
                 with room.lock:
                     freed = room.shed_locked(level)
                     with self._lock:
@@ -274,7 +282,3 @@ def water_level(sizes: list[int], excess: int) -> tuple[int, int]:
             return (held - excess) // k, k
         held += size
     return max(0, (held - excess) // len(sizes)), len(sizes)
-
-
-def _held(history: History) -> int:
-    return history.bytes

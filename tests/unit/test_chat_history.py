@@ -233,3 +233,32 @@ def test_water_level(sizes, excess, expected):
     level, count = water_level(sizes, excess)
     assert (level, count) == expected
     assert sum(max(0, s - level) for s in sizes) >= min(excess, sum(sizes))
+
+
+def test_rooms_appending_on_their_own_threads_keep_the_budget_true_and_bounded():
+    # Each thread is a room's reader: append under its own lock, enforce with
+    # none held, as the module says. Bounded by count; no thread may hang.
+    budget = HistoryBudget(50 * ENTRY_BYTES)
+    rooms = [History(EPOCH, threading.Lock(), budget, size=1000, max_bytes=1 << 20) for _ in range(4)]
+
+    def run(history: History) -> None:
+        for _ in range(300):
+            with history.lock:
+                over = history.append(entry(history.next_seq))
+            if over:
+                budget.enforce()
+
+    threads = [threading.Thread(target=run, args=(room,)) for room in rooms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    budget.enforce()
+    assert budget.used == sum(room.bytes for room in rooms)
+    assert budget.used <= budget.total_bytes
+    for room in rooms:
+        with room.lock:
+            assert room.last_seq == 300
+            kept = seqs(room.last(1000))
+            assert kept == list(range(301 - len(kept), 301))  # the newest, oldest first, none doubled
