@@ -4,5 +4,6 @@ Nothing in chat/ touches a socket, a thread of its own or the network engine:
 it is handed names, texts and clocks, and hands back decisions and
 pre-encoded frames, so every rule can be unit-tested as a rule and the engine
 (net/) can change underneath it. Its modules may import only the standard
-library and ``websockets.frames`` (for building frames), never net/ or bus/.
+library, ``websockets.frames`` (for building frames) and one another, never
+net/ or bus/.
 """
