@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
 from broadcast import logsafe
-from rawws import (
+from support.rawws import (
     OP_TEXT,
     RawWS,
     Timeout,
@@ -32,7 +32,7 @@ from rawws import (
     settled_stats,
     wait_baseline,
 )
-from wsclients import Closed, RawClient, recv, ws_connect
+from support.wsclients import Closed, RawClient, recv, ws_connect
 
 WAIT = 5.0  # seconds for any single expected event
 # A control character that reached the log raw (tab and newline included:

@@ -23,7 +23,7 @@ import websocket
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 
-from wsclients import (
+from support.wsclients import (
     Closed,
     Collector,
     RawClient,

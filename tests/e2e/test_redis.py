@@ -2,7 +2,7 @@
 
 Every test runs real ``scripts/server.py`` processes on 127.0.0.1 (conftest's
 ``start_server``) against a real ``redis-server`` that pytest-redis's
-executor starts on a free port (``redis_support``), and drives them over
+executor starts on a free port (``support.redis``), and drives them over
 real sockets with ``websockets`` (sync) and ``websocket-client``. Nothing is
 mocked; every wait is bounded and waits for an event: a message, a log line,
 a /healthz answer, a PUBSUB NUMSUB count.
@@ -28,18 +28,17 @@ import pytest
 import redis
 from pytest_redis.config import get_config
 
-from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
-from redis_support import (
+from support.process import clean_env, health
+from support.rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
+from support.redis import (
     NOT_INSTALLED,
     Monitor,
     TestRedis,
-    TimedReceiver,
-    clean_env,
-    health,
     percentile,
     wait_health,
 )
-from wsclients import (
+from support.wsclients import (
+    TimedReceiver,
     Closed,
     Collector,
     expect_silence,

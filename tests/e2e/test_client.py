@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pexpect
@@ -32,84 +31,28 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from rawws import accept_for, build_frame, close_payload
+from support.process import CLIENT, ROOT, ClientProcess, Lines, clean_env, run
+from support.rawws import accept_for, build_frame, close_payload
 
 from broadcast.client import CONTINUATION_INDENT as CONTINUATION
 from broadcast.client import server_url
 
-ROOT = Path(__file__).resolve().parent.parent
-CLIENT = [sys.executable, "scripts/client.py"]
 WAIT = 5.0  # seconds for any one expected event
 READY = r"connected to [^\r\n]+\r\n"  # the line an interactive client prints once connected
 # A developer's BROADCAST_USERNAME and the like would change what the client does.
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
+ENV = clean_env()
 
 
 def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLIENT, *args], cwd=ROOT, env=ENV, input=input, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-class Lines:
-    """Lines of a child's pipe, read by a thread so that a test can wait with a timeout."""
-
-    def __init__(self, stream) -> None:
-        self.seen: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def expect(self, wanted: str, timeout: float = WAIT) -> str:
-        """The first new line containing ``wanted``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"stream ended before {wanted!r}; lines: {self.seen}")
-            self.seen.append(line)
-            if wanted in line:
-                return line
-
-    def all(self, timeout: float = WAIT) -> list[str]:
-        """Every line, once the stream has ended."""
-        deadline = time.monotonic() + timeout
-        while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-            self.seen.append(line)
-        return self.seen
-
-
-class PipedClient:
-    """A client in pipe mode whose stdin stays open until the test closes it."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*CLIENT, *args], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stdout = Lines(self.proc.stdout)
-        self.stderr = Lines(self.proc.stderr)
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait(self, timeout: float = WAIT) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    return run(CLIENT, *args, env=ENV, input=input, timeout=timeout)
 
 
 @pytest.fixture
 def piped():
-    clients: list[PipedClient] = []
+    clients: list[ClientProcess] = []
 
-    def start(*args: str) -> PipedClient:
-        clients.append(PipedClient(*args))
+    def start(*args: str) -> ClientProcess:
+        clients.append(ClientProcess(*args, env=ENV))
         return clients[-1]
 
     yield start

@@ -14,12 +14,11 @@ on real ``scripts/server.py`` and ``scripts/client.py`` processes.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
 import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -28,13 +27,11 @@ from pytest_redis.config import get_config
 from websockets.exceptions import InvalidStatus
 
 from broadcast.config import parse_client_args, parse_server_args
-from conftest import ROOT, clean_env
-from redis_support import NOT_INSTALLED, TestRedis
-from wsclients import Closed, http_get, recv, ws_connect
+from support import process
+from support.process import CLIENT, LISTENING, ROOT, SERVER, clean_env
+from support.redis import NOT_INSTALLED, TestRedis
+from support.wsclients import Closed, http_get, recv, ws_connect
 
-SERVER = str(ROOT / "scripts" / "server.py")
-CLIENT = str(ROOT / "scripts" / "client.py")
-LISTENING = re.compile(r"listening on ws://([0-9.]+|\[[0-9a-f:.]+\]):(\d+)/ws")
 MIB = 1024 * 1024
 RUN_TIMEOUT = 15.0
 
@@ -58,11 +55,8 @@ def write_ini(path, server: dict | None = None, client: dict | None = None):
     return path
 
 
-def run(script: str, *args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *args], cwd=ROOT, env=clean_env(**(env or {})), input=stdin,
-        capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )
+def run(program: list[str], *args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+    return process.run(program, *args, env=clean_env(**(env or {})), input=stdin, timeout=RUN_TIMEOUT)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -82,51 +76,10 @@ def busy_port():
         yield sock.getsockname()[1]
 
 
-class Launched:
-    """``scripts/server.py`` exactly as given (no --port added), until it listens or exits."""
-
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, SERVER, "--host", "127.0.0.1", *args], cwd=ROOT, env=clean_env(**(env or {})),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: list[str] = []
-        self.listening = threading.Event()
-        self.port: int | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            match = LISTENING.search(line)
-            if match:
-                self.port = int(match.group(2))
-                self.listening.set()
-        self.listening.set()  # exited
-
-    def wait(self, timeout: float = 10.0) -> int | None:
-        """The listening port, or None if the server exited instead."""
-        assert self.listening.wait(timeout), "server neither listened nor exited"
-        return self.port
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 @pytest.fixture
-def launch():
-    launched: list[Launched] = []
-
-    def start(*args: str, env: dict | None = None) -> Launched:
-        process = Launched(*args, env=env)
-        launched.append(process)
-        return process
-
-    yield start
-    for process in launched:
-        process.stop()
+def launch(start_server):
+    """``scripts/server.py`` exactly as given (no --port added), not waiting for it to listen."""
+    return functools.partial(start_server, add_port=False, expect_listening=False)
 
 
 # Defaults
@@ -347,14 +300,14 @@ def test_server_port_precedence_in_a_real_process(busy_port, tmp_path, launch):
     ini = write_ini(tmp_path / "s.ini", server={"port": str(busy_port)})
     # File alone: the file's (busy) port is used, and fails.
     failing = launch("--config", str(ini))
-    assert failing.wait() is None
+    assert failing.listening_port() is None
     assert failing.proc.wait(10) == 1
     assert str(busy_port) in "".join(failing.lines)
     # The environment beats the file.
-    port = launch("--config", str(ini), env={"BROADCAST_PORT": "0"}).wait()
+    port = launch("--config", str(ini), env=clean_env(BROADCAST_PORT="0")).listening_port()
     assert port not in (None, 0, busy_port)
     # A flag beats the environment.
-    port = launch("--port", "0", env={"BROADCAST_PORT": str(busy_port)}).wait()
+    port = launch("--port", "0", env=clean_env(BROADCAST_PORT=str(busy_port))).listening_port()
     assert port not in (None, 0, busy_port)
 
 
