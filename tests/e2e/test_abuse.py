@@ -23,7 +23,9 @@ from websockets.sync.client import connect
 
 from support.process import ServerProcess
 from support.rawws import (
-    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, assert_chat_works, build_frame, close_payload, handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats, wait_baseline,
+    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, assert_chat_works, build_frame,
+    close_payload, handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats,
+    wait_baseline,
 )
 from support.wsclients import Watcher
 

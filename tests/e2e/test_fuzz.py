@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from support.process import ServerProcess
 from support.rawws import (
-    CONTROL_OPCODES, KNOWN_OPCODES, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, SENDABLE_CLOSE_CODES, PeerClosed, RawWS, Timeout, assert_chat_works, build_frame, settled_stats, wait_baseline,
+    CONTROL_OPCODES, KNOWN_OPCODES, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, SENDABLE_CLOSE_CODES,
+    PeerClosed, RawWS, Timeout, assert_chat_works, build_frame, settled_stats, wait_baseline,
 )
 from support.wsclients import Watcher
 

@@ -38,9 +38,9 @@ from support.redis import (
     wait_health,
 )
 from support.wsclients import (
-    TimedReceiver,
     Closed,
     Collector,
+    TimedReceiver,
     expect_silence,
     recv,
     recv_n,

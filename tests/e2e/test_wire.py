@@ -17,7 +17,8 @@ import pytest
 
 from support.process import ServerProcess
 from support.rawws import (
-    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RESERVED_OPCODES, RawWS, assert_chat_works, build_frame, close_payload, proc_stats,
+    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RESERVED_OPCODES, RawWS, assert_chat_works,
+    build_frame, close_payload, proc_stats,
 )
 from support.wsclients import Watcher
 
