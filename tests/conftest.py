@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from support.process import ServerProcess
@@ -25,3 +27,11 @@ def start_server():
 @pytest.fixture
 def server(start_server):
     return start_server()
+
+
+@pytest.fixture
+def no_broadcast_env(monkeypatch):
+    """Parser tests read os.environ: start each one without the developer's BROADCAST_*."""
+    for key in list(os.environ):
+        if key.startswith("BROADCAST_"):
+            monkeypatch.delenv(key)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import defaultdict
 
-from support.process import ClientProcess
+from support.process import ClientProcess, wait_joined
 from support.rawws import (
     OP_CLOSE, OP_TEXT, FrameParser, RawWS, build_frame, is_eof_or_reset,
 )
@@ -214,7 +214,7 @@ def test_client_reports_a_killed_server_without_traceback(start_server):
     client = ClientProcess("--addr", server.addr, "--username", "survivor")
     out, err = client.stdout.lines, client.stderr.lines
     try:
-        server.wait_for_log(r"connect survivor@", timeout=WAIT)
+        wait_joined(server, 1, WAIT)
         with RawWS.connect(server.port, username="talker") as talker:
             for n in range(20):
                 talker.send_text(f"line {n}")

@@ -23,6 +23,7 @@ import websocket
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 
+from support.process import wait_joined, wait_left
 from support.wsclients import (
     Closed,
     Collector,
@@ -68,8 +69,8 @@ def client(kind: str, url: str, **kwargs):
 
 
 def wait_online(server, n: int, timeout: float = WAIT) -> None:
-    """Wait for the server's n-th-client log line: everyone up to it has joined."""
-    server.wait_for_log(rf" INFO connect \S+ \({n} online\)", timeout)
+    """Wait until /healthz counts n joined: everyone up to the n-th has joined."""
+    wait_joined(server, n, timeout)
 
 
 def refused_status(kind: str, url: str) -> tuple[int, str]:
@@ -795,7 +796,7 @@ def test_max_connections(start_server, kind):
             send(first, "the two still chat")
             assert recv(first) == "the two still chat"
         # A place is free again once someone leaves.
-        server.wait_for_log(r"disconnect .*\(1 online\)", WAIT)
+        wait_left(server, 1)
         deadline = time.monotonic() + WAIT
         while True:
             try:

@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from support import rawws
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: this file is tests/support/process.py
 SERVER = [sys.executable, str(ROOT / "scripts" / "server.py")]
 CLIENT = [sys.executable, str(ROOT / "scripts" / "client.py")]
@@ -29,6 +31,8 @@ LISTENING = re.compile(r"listening on wss?://([0-9.]+|\[[0-9a-f:.]+\]):(\d+)/ws"
 START_TIMEOUT_S = 10.0  # a server's start under a loaded CI machine
 RUN_TIMEOUT_S = 20.0  # one short-lived program (a bad flag, --version, a pipe of a few lines)
 WAIT_S = 5.0  # any one expected line or state
+HEALTH_PATH = "/healthz"
+PLAIN_GET = ("Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version")  # not an upgrade
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -221,6 +225,22 @@ def health(server, timeout: float = WAIT_S) -> tuple[int, list[str], str]:
             return error.code, error.headers.get_all("Content-Type"), error.read().decode()
 
 
+def settled_health(server, timeout: float = WAIT_S) -> tuple[int, dict]:
+    """GET /healthz and read on until the server hangs up: (status, parsed body).
+
+    The probe is a connection of the server's own while it lasts (it counts
+    towards the per-address limits and the shutdown's "closing N
+    connection(s)"); reading to the hang-up lets it be gone before the test
+    goes on. ``health`` is the one for what a real HTTP client sees.
+    """
+    with rawws.open_socket(server.port, timeout) as sock:
+        sock.sendall(rawws.handshake_request(server.port, HEALTH_PATH, omit=PLAIN_GET))
+        response = rawws.read_http_response(sock, timeout)
+        assert response is not None, "server hung up without answering /healthz"
+        assert rawws.is_eof_or_reset(sock, timeout), "server kept the /healthz connection open"
+    return response.status, json.loads(response.body)
+
+
 def wait_health(server, ready, timeout: float = WAIT_S, what: str = "") -> dict:
     """Poll /healthz until ``ready(body)`` holds for its parsed JSON body; that body.
 
@@ -228,15 +248,19 @@ def wait_health(server, ready, timeout: float = WAIT_S, what: str = "") -> dict:
     """
     deadline = time.monotonic() + timeout
     while True:
-        status, _, body = health(server)
-        parsed = json.loads(body)
-        if ready(parsed):
-            return parsed
+        status, body = settled_health(server)
+        if ready(body):
+            return body
         if time.monotonic() > deadline:
-            raise AssertionError(f"/healthz still {status} {body.strip()} after {timeout}s, not {what}")
+            raise AssertionError(f"/healthz still {status} {body} after {timeout}s, not {what}")
         time.sleep(0.02)
 
 
-def wait_connections(server, n: int, timeout: float = WAIT_S) -> dict:
-    """Wait until /healthz counts ``n`` joined connections."""
-    return wait_health(server, lambda body: body["connections"] == n, timeout, f"{n} connections")
+def wait_joined(server, n: int, timeout: float = WAIT_S) -> dict:
+    """Wait until /healthz counts at least ``n`` joined clients: everyone up to the n-th is in."""
+    return wait_health(server, lambda body: body["connections"] >= n, timeout, f"{n} or more joined")
+
+
+def wait_left(server, n: int, timeout: float = WAIT_S) -> dict:
+    """Wait until /healthz counts at most ``n`` joined clients: the others are gone."""
+    return wait_health(server, lambda body: body["connections"] <= n, timeout, f"{n} or fewer joined")
