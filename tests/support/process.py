@@ -228,10 +228,12 @@ def health(server, timeout: float = WAIT_S) -> tuple[int, list[str], str]:
 def settled_health(server, timeout: float = WAIT_S) -> tuple[int, dict]:
     """GET /healthz and read on until the server hangs up: (status, parsed body).
 
-    The probe is a connection of the server's own while it lasts (it counts
-    towards the per-address limits and the shutdown's "closing N
-    connection(s)"); reading to the hang-up lets it be gone before the test
-    goes on. ``health`` is the one for what a real HTTP client sees.
+    The probe is one of the server's connections while it lasts (towards the
+    per-address limits, and one more in the shutdown's "closing N
+    connection(s)") until the server has seen it hang up, a moment after
+    this returns: a test that counts the server's connections right after
+    must wait on something else. ``health`` is the one for what a real HTTP
+    client sees, headers and all.
     """
     with rawws.open_socket(server.port, timeout) as sock:
         sock.sendall(rawws.handshake_request(server.port, HEALTH_PATH, omit=PLAIN_GET))
