@@ -10,24 +10,15 @@ import pytest
 
 from broadcast import limits as limits_module
 from broadcast.limits import AddressCounts, ByteBudget, TokenBucket, limits_header, parse_limits_header
+from support.fakes import FakeTime
 
 THREADS = 4
 ROUNDS = 2000  # per thread: enough interleaving to lose an update without the lock
 
 
-class Clock:
-    """Stands in for the limits module's ``time``: the bucket reads monotonic() only."""
-
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch):
-    clock = Clock()
+    clock = FakeTime()  # the bucket reads monotonic() only
     monkeypatch.setattr(limits_module, "time", clock)
     return clock
 

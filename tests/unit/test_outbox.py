@@ -16,6 +16,7 @@ import pytest
 from broadcast import outbox as outbox_module
 from broadcast.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
                               STALLED_AFTER_S, Outbox)
+from support.fakes import FakeTime
 
 WAIT_S = 5.0  # bound on any wait for another thread
 
@@ -63,19 +64,9 @@ class FakeWriter:
         self.scheduled.append(outbox)
 
 
-class Clock:
-    """Stands in for the outbox module's ``time``."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch):
-    clock = Clock()
+    clock = FakeTime()
     monkeypatch.setattr(outbox_module, "time", clock)
     return clock
 
@@ -95,7 +86,7 @@ def until(predicate) -> bool:
     return predicate()
 
 
-def stall(outbox: Outbox, transport: FakeTransport, clock: Clock) -> None:
+def stall(outbox: Outbox, transport: FakeTransport, clock: FakeTime) -> None:
     """Make the socket take nothing, and let STALLED_AFTER_S pass."""
     transport.takes = 0
     assert outbox.flush() == BLOCKED
