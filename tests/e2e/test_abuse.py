@@ -21,7 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from support.process import ServerProcess, wait_left
+from support.process import module_server, wait_left
 from support.rawws import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, assert_chat_works, build_frame,
     close_payload, handshake_request, is_eof_or_reset, open_socket, proc_stats, read_http_response, settled_stats,
@@ -33,11 +33,7 @@ OPEN_TIMEOUT = 1.0
 WAIT = 5.0
 
 
-@pytest.fixture(scope="module")
-def abuse_server():
-    server = ServerProcess(["--open-timeout", str(OPEN_TIMEOUT)])
-    yield server
-    server.kill()
+abuse_server = module_server("abuse_server", "--open-timeout", str(OPEN_TIMEOUT))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 import redis
 from pytest_redis.config import get_config
 
-from support.process import clean_env, health
+from support.process import clean_env, health, wait_connections
 from support.rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
 from support.redis import (
     NOT_INSTALLED,
@@ -98,15 +98,6 @@ def start_parallel(start_server, *specs: tuple[list[str], dict | None]) -> list:
 def start_nodes(start_server, redis, n: int, *args: str) -> list:
     """``n`` servers on ``redis``, started in parallel, each subscribed (/healthz ok)."""
     return start_parallel(start_server, *[(["--redis-url", redis.url, *args], None)] * n)
-
-
-def wait_connections(node, n: int, timeout: float = WAIT) -> None:
-    """Wait until /healthz counts ``n`` joined clients on ``node``."""
-    deadline = time.monotonic() + timeout
-    while (got := json.loads(health(node)[2])["connections"]) != n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{got} clients joined on :{node.port}, not {n}, after {timeout}s")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support.process import ServerProcess
+from support.process import ServerProcess, module_server
 from support.rawws import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RESERVED_OPCODES, RawWS, assert_chat_works,
     build_frame, close_payload, proc_stats,
@@ -26,11 +26,7 @@ MIB = 1024 * 1024
 WAIT = 5.0
 
 
-@pytest.fixture(scope="module")
-def wire_server():
-    server = ServerProcess([])
-    yield server
-    server.kill()
+wire_server = module_server("wire_server")
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from support import rawws
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: this file is tests/support/process.py
@@ -204,6 +206,20 @@ class ServerProcess(Child):
         return None
 
 
+def module_server(name: str, *args: str):
+    """A module-scoped fixture called ``name``: one server for all of a module's tests that ask for it.
+
+    For suites of many short exchanges with one server configuration, where
+    a server per test would be most of the run time.
+    """
+    @pytest.fixture(scope="module", name=name)
+    def fixture():
+        server = ServerProcess(list(args))
+        yield server
+        server.kill()
+    return fixture
+
+
 class ClientProcess(Child):
     """``scripts/client.py`` in pipe mode whose stdin stays open until the test closes it."""
 
@@ -256,6 +272,11 @@ def wait_health(server, ready, timeout: float = WAIT_S, what: str = "") -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"/healthz still {status} {body} after {timeout}s, not {what}")
         time.sleep(0.02)
+
+
+def wait_connections(server, n: int, timeout: float = WAIT_S) -> dict:
+    """Wait until /healthz counts exactly ``n`` joined clients."""
+    return wait_health(server, lambda body: body["connections"] == n, timeout, f"{n} joined")
 
 
 def wait_joined(server, n: int, timeout: float = WAIT_S) -> dict:

@@ -206,7 +206,6 @@ class TimedReceiver(Collector):
 
     def __init__(self, url: str, n: int, timeout: float) -> None:
         super().__init__(wsc_connect(url, timeout=timeout), n, timeout, name="timed-receiver")
-        self.start()
 
     def result(self) -> list[tuple[int, str]]:
         return list(zip(self.arrivals, super().result()))
