@@ -368,9 +368,8 @@ def test_token_flag_and_environment(start_server):
     assert "HTTP 401" in refused.stderr and len(refused.stderr.splitlines()) == 1
     done = run_client("--addr", server.addr, "--username", "Bob", "--token", "s3cret", input="hi\n")
     assert (done.returncode, done.stdout) == (0, "[Bob] hi\n")
-    env_done = subprocess.run([*CLIENT, "--addr", server.addr], cwd=ROOT, input="yo\n",
-                              env={**ENV, "BROADCAST_TOKEN": "s3cret"}, capture_output=True,
-                              text=True, timeout=10)
+    env_done = run(CLIENT, "--addr", server.addr, env={**ENV, "BROADCAST_TOKEN": "s3cret"}, input="yo\n",
+                   timeout=10)
     assert (env_done.returncode, env_done.stdout) == (0, "yo\n")
 
 
@@ -726,25 +725,17 @@ def test_a_line_over_the_limit_is_refused_at_the_prompt_and_the_session_goes_on(
 def test_version_on_both_programs():
     client = run_client("--version")
     assert (client.returncode, client.stdout) == (0, "broadcast-client 0.1.0\n")
-    server = subprocess.run([sys.executable, "-m", "broadcast.server", "--version"], cwd=ROOT,
-                            env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=10)
+    server = run([sys.executable, "-m", "broadcast.server"], "--version", env={**ENV, "PYTHONPATH": str(ROOT)},
+                 timeout=10)
     assert (server.returncode, server.stdout) == (0, "broadcast-server 0.1.0\n")
 
 
 def test_python_dash_m_runs_both_programs(start_server):
     env = {**ENV, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "broadcast.server", "--host", "127.0.0.1", "--port", "0"],
-                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        port = next(m for line in server.stderr if (m := re.search(r"listening on ws://[0-9.]+:(\d+)", line)))[1]
-        client = subprocess.run([sys.executable, "-m", "broadcast.client", "--addr", f"127.0.0.1:{port}",
-                                 "--username", "Mo"], cwd=ROOT, env=env, input="hi\n", capture_output=True,
-                                text=True, timeout=10)
-        assert (client.returncode, client.stdout, client.stderr) == (0, "[Mo] hi\n", "")
-    finally:
-        server.kill()
-        server.wait()
+    server = start_server(program=[sys.executable, "-m", "broadcast.server"], env=env)
+    client = run([sys.executable, "-m", "broadcast.client"], "--addr", server.addr, "--username", "Mo", env=env,
+                 input="hi\n", timeout=10)
+    assert (client.returncode, client.stdout, client.stderr) == (0, "[Mo] hi\n", "")
 
 
 def test_refusals_say_which_flag_to_use(start_server):

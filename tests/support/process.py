@@ -113,9 +113,9 @@ class Lines:
 
     def all(self, timeout: float = WAIT_S) -> list[str]:
         """Every line, once the stream has ended."""
-        if not self.wait_until(lambda lines: False, timeout) and not self.ended:
-            raise AssertionError(f"stream still open after {timeout}s; lines: {self.lines}")
         with self._changed:
+            if not self._changed.wait_for(lambda: self.ended, timeout):
+                raise AssertionError(f"stream still open after {timeout}s; lines: {self.lines}")
             self.seen = list(self.lines)
             return self.seen
 
