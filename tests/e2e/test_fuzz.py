@@ -26,12 +26,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerProcess
-from rawws import (
-    CONTROL_OPCODES, KNOWN_OPCODES, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT,
-    SENDABLE_CLOSE_CODES, PeerClosed, RawWS, Timeout, Watcher, assert_chat_works, build_frame,
-    settled_stats, wait_baseline,
+from support.process import module_server
+from support.rawws import (
+    CONTROL_OPCODES, KNOWN_OPCODES, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, SENDABLE_CLOSE_CODES,
+    PeerClosed, RawWS, Timeout, assert_chat_works, build_frame, settled_stats, wait_baseline,
 )
+from support.wsclients import Watcher
 
 MAX_SIZE = 1000  # the fuzz server's --max-message-size
 EXAMPLES = 400
@@ -287,11 +287,7 @@ def outcome_ok(obs: Observed, outcome: Outcome) -> bool:
             and obs.pongs == outcome.pongs_max[:len(obs.pongs)])
 
 
-@pytest.fixture(scope="module")
-def fuzz_server():
-    server = ServerProcess(["--max-message-size", str(MAX_SIZE), "--ping-interval", "0"])
-    yield server
-    server.kill()
+fuzz_server = module_server("fuzz_server", "--max-message-size", str(MAX_SIZE), "--ping-interval", "0")
 
 
 @pytest.mark.slow

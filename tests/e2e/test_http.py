@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
 from broadcast import logsafe
-from rawws import (
+from support.process import wait_joined
+from support.rawws import (
     OP_TEXT,
     RawWS,
     Timeout,
@@ -32,7 +33,7 @@ from rawws import (
     settled_stats,
     wait_baseline,
 )
-from wsclients import Closed, RawClient, recv, ws_connect
+from support.wsclients import Closed, RawClient, recv, ws_connect
 
 WAIT = 5.0  # seconds for any single expected event
 # A control character that reached the log raw (tab and newline included:
@@ -96,7 +97,7 @@ def test_a_refused_upgrade_with_a_request_behind_it_gets_its_400(server):
 ], ids=["reserved-opcode", "unmasked", "rsv1"])
 def test_an_upgrade_followed_by_an_invalid_frame_gets_1002_and_never_joins(server, bad_frame):
     with Watcher(server.url + "?username=watcher") as watcher:
-        server.wait_for_log(r"connect watcher@", WAIT)
+        wait_joined(server, 1)
         sock = open_socket(server.port)
         sock.sendall(handshake_request(server.port, "/ws?username=ghost") + bad_frame)
         response = read_http_response(sock)
@@ -344,7 +345,7 @@ def test_each_client_dropped_at_the_shutdown_timeout_gets_a_disconnect_line(star
     server = start_server("--shutdown-timeout", "1")
     deaf = [RawClient(server.url + f"?username=deaf{i}", rcvbuf=4096) for i in range(3)]
     try:
-        server.wait_for_log(r"connect deaf\d@", WAIT, count=3)
+        server.wait_for_log(r"connect deaf\d@", WAIT, count=3)  # not /healthz: it would be one more to close
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait_exit(WAIT + 5) == 0
     finally:
@@ -359,7 +360,7 @@ def test_a_second_signal_logs_one_line_before_exiting(start_server):
     server = start_server("--shutdown-timeout", "30")
     deaf = RawClient(server.url, rcvbuf=4096)
     try:
-        server.wait_for_log(r"connect anonymous", WAIT)
+        server.wait_for_log(r"connect anonymous", WAIT)  # not /healthz: it would be one more to close
         server.proc.send_signal(signal.SIGTERM)
         server.wait_for_log(r"shutting down: closing 1 connection", WAIT)
         server.proc.send_signal(signal.SIGINT)
@@ -378,7 +379,7 @@ def test_a_stalled_client_is_reported_once(start_server):
     stalled = RawClient(server.url + "?username=stalled", rcvbuf=4096)  # never reads
     try:
         with ws_connect(server.url) as publisher:
-            server.wait_for_log(r"connect anonymous", WAIT)
+            wait_joined(server, 2)  # the stalled client and the publisher
             payload = "x" * 65536
             deadline = time.monotonic() + 20
             for _ in range(400):  # enough to fill any socket buffer many times over

@@ -7,16 +7,15 @@ from __future__ import annotations
 import re
 import selectors
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 
-from conftest import ROOT
-from rawws import (
-    OP_CLOSE, OP_TEXT, FrameParser, RawWS, Watcher, build_frame, is_eof_or_reset,
+from support.process import ClientProcess, wait_joined
+from support.rawws import (
+    OP_CLOSE, OP_TEXT, FrameParser, RawWS, build_frame, is_eof_or_reset,
 )
+from support.wsclients import Watcher
 
 WAIT = 5.0
 SHUTDOWN_TIMEOUT = 3.0
@@ -212,31 +211,14 @@ def test_shutdown_timeout_drops_clients_that_never_close(start_server):
 
 def test_client_reports_a_killed_server_without_traceback(start_server):
     server = start_server()
-    client = subprocess.Popen(
-        [sys.executable, "scripts/client.py", "--addr", server.addr, "--username", "survivor"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    out: list[str] = []
-    err: list[str] = []
-    got_line = threading.Condition()
-
-    def pump(stream, lines) -> None:
-        for line in stream:
-            with got_line:
-                lines.append(line.rstrip("\n"))
-                got_line.notify_all()
-
-    pumps = [threading.Thread(target=pump, args=(s, l), daemon=True)
-             for s, l in ((client.stdout, out), (client.stderr, err))]
-    for t in pumps:
-        t.start()
+    client = ClientProcess("--addr", server.addr, "--username", "survivor")
+    out, err = client.stdout.lines, client.stderr.lines
     try:
-        server.wait_for_log(r"connect survivor@", timeout=WAIT)
+        wait_joined(server, 1, WAIT)
         with RawWS.connect(server.port, username="talker") as talker:
             for n in range(20):
                 talker.send_text(f"line {n}")
-            with got_line:
-                assert got_line.wait_for(lambda: "[talker] line 19" in out, WAIT), (out, err)
+            assert client.stdout.wait_until(lambda out: "[talker] line 19" in out, WAIT), (out, err)
             # Mid-stream: more is on its way when the server dies.
             for n in range(20, 200):
                 talker.send_text(f"line {n}")
@@ -244,12 +226,8 @@ def test_client_reports_a_killed_server_without_traceback(start_server):
             server.proc.wait(WAIT)
         rc = client.wait(WAIT)
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(WAIT)
-        client.stdin.close()
-    for t in pumps:
-        t.join(WAIT)
+        client.kill()
+        client.proc.stdin.close()
     print(f"\nclient after SIGKILL: exit {rc}, stderr {err!r}")
     assert rc != 0
     assert not any("Traceback" in line for line in out + err), "\n".join(err)

@@ -23,7 +23,8 @@ import websocket
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 
-from wsclients import (
+from support.process import wait_joined, wait_left
+from support.wsclients import (
     Closed,
     Collector,
     RawClient,
@@ -68,7 +69,17 @@ def client(kind: str, url: str, **kwargs):
 
 
 def wait_online(server, n: int, timeout: float = WAIT) -> None:
-    """Wait for the server's n-th-client log line: everyone up to it has joined."""
+    """Wait until /healthz counts n joined: everyone up to the n-th has joined."""
+    wait_joined(server, n, timeout)
+
+
+def wait_online_before_shutdown(server, n: int, timeout: float = WAIT) -> None:
+    """The same, from the n-th client's log line, for the tests that count what the shutdown closes.
+
+    A /healthz probe is one of the server's connections until it has seen
+    the probe hang up, which nothing outside it can observe: it would be one
+    more in "closing N connection(s)".
+    """
     server.wait_for_log(rf" INFO connect \S+ \({n} online\)", timeout)
 
 
@@ -513,7 +524,7 @@ def test_sigterm_closes_50_clients_with_1001_and_exits_0(server):
     n = 50
     with contextlib.ExitStack() as stack:
         clients = [stack.enter_context(client(KINDS[i % 2], server.url)) for i in range(n)]
-        wait_online(server, n)
+        wait_online_before_shutdown(server, n)
         with ThreadPoolExecutor(n) as pool:
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
@@ -576,7 +587,7 @@ def test_shutdown_timeout_bounds_the_wait_for_a_client_that_never_answers(start_
     server = start_server("--shutdown-timeout", str(timeout))
     deaf = RawClient(server.url, rcvbuf=4096)  # never reads our close frame, never answers it
     with ws_connect(server.url) as polite:
-        wait_online(server, 2)
+        wait_online_before_shutdown(server, 2)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         with pytest.raises(Closed) as info:
@@ -601,7 +612,7 @@ def test_client_that_answered_the_close_is_not_waited_for(start_server):
     """
     server = start_server("--shutdown-timeout", "30")
     with client("websocket-client", server.url) as ws:
-        wait_online(server, 1)
+        wait_online_before_shutdown(server, 1)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         _, code = _read_to_close(ws, WAIT, hang_up=False)  # close answered, socket kept open
@@ -634,7 +645,7 @@ def test_a_second_signal_exits_at_once(start_server):
     server = start_server("--shutdown-timeout", "30")
     deaf = RawClient(server.url, rcvbuf=4096)
     try:
-        wait_online(server, 1)
+        wait_online_before_shutdown(server, 1)
         server.proc.send_signal(signal.SIGTERM)
         server.wait_for_log(r"shutting down: closing 1 connection", WAIT)
         assert server.proc.poll() is None  # still waiting for the deaf client
@@ -795,7 +806,7 @@ def test_max_connections(start_server, kind):
             send(first, "the two still chat")
             assert recv(first) == "the two still chat"
         # A place is free again once someone leaves.
-        server.wait_for_log(r"disconnect .*\(1 online\)", WAIT)
+        wait_left(server, 1)
         deadline = time.monotonic() + WAIT
         while True:
             try:

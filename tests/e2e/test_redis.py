@@ -2,7 +2,7 @@
 
 Every test runs real ``scripts/server.py`` processes on 127.0.0.1 (conftest's
 ``start_server``) against a real ``redis-server`` that pytest-redis's
-executor starts on a free port (``redis_support``), and drives them over
+executor starts on a free port (``support.redis``), and drives them over
 real sockets with ``websockets`` (sync) and ``websocket-client``. Nothing is
 mocked; every wait is bounded and waits for an event: a message, a log line,
 a /healthz answer, a PUBSUB NUMSUB count.
@@ -28,20 +28,19 @@ import pytest
 import redis
 from pytest_redis.config import get_config
 
-from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
-from redis_support import (
+from support.process import clean_env, health, wait_connections
+from support.rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
+from support.redis import (
     NOT_INSTALLED,
     Monitor,
     TestRedis,
-    TimedReceiver,
-    clean_env,
-    health,
     percentile,
     wait_health,
 )
-from wsclients import (
+from support.wsclients import (
     Closed,
     Collector,
+    TimedReceiver,
     expect_silence,
     recv,
     recv_n,
@@ -99,15 +98,6 @@ def start_parallel(start_server, *specs: tuple[list[str], dict | None]) -> list:
 def start_nodes(start_server, redis, n: int, *args: str) -> list:
     """``n`` servers on ``redis``, started in parallel, each subscribed (/healthz ok)."""
     return start_parallel(start_server, *[(["--redis-url", redis.url, *args], None)] * n)
-
-
-def wait_connections(node, n: int, timeout: float = WAIT) -> None:
-    """Wait until /healthz counts ``n`` joined clients on ``node``."""
-    deadline = time.monotonic() + timeout
-    while (got := json.loads(health(node)[2])["connections"]) != n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{got} clients joined on :{node.port}, not {n}, after {timeout}s")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

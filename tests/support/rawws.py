@@ -6,9 +6,9 @@ with RSV bits, a reserved opcode, an unmasked payload or a header announcing
 handshake by hand (so that it can be broken too), and parses what the server
 sends back, close code included.
 
-It also holds the few probes the hardening tests share: a ``Watcher`` (a
-well-behaved websockets client collecting what it receives) and readers of
-``/proc/<pid>`` for a server's thread count, file descriptors and RSS.
+It also holds the few probes the hardening tests share: ``assert_chat_works``
+(through a ``support.wsclients.Watcher``) and readers of ``/proc/<pid>`` for a
+server's thread count, file descriptors and RSS.
 
 Every blocking call takes a timeout; nothing here waits forever.
 """
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+
+from support.wsclients import Watcher
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -412,73 +414,7 @@ def is_eof_or_reset(sock: socket.socket, timeout: float) -> bool:
         return False
 
 
-# A well-behaved client collecting messages, and process probes.
-
-
-class Watcher:
-    """A websockets sync client whose thread records every message it receives."""
-
-    def __init__(self, url: str, *, max_size: int | None = 2 ** 21, open_timeout: float = DEFAULT_TIMEOUT) -> None:
-        # Entered as a context manager, which websockets >= 17 wants, but
-        # held open across the test; close() exits it.
-        self._cm = connect(url, max_size=max_size, open_timeout=open_timeout, close_timeout=2)
-        self.ws = self._cm.__enter__()
-        self.messages: list[str | bytes] = []
-        self.closed: ConnectionClosed | None = None
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for message in self.ws:
-                with self._cond:
-                    self.messages.append(message)
-                    self._cond.notify_all()
-            self.closed = self.ws.protocol.close_exc
-        except ConnectionClosed as exc:
-            self.closed = exc
-        finally:
-            with self._cond:
-                self._cond.notify_all()
-
-    def wait_for(self, predicate, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> list:
-        """Wait until ``predicate(messages)``; returns the messages."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.messages) or self.closed is not None, timeout) \
-                    or not predicate(self.messages):
-                shown = [m if isinstance(m, str) and len(m) < 80 else f"<{len(m)}>" for m in self.messages[-10:]]
-                raise AssertionError(
-                    f"watcher did not get {what or 'what was expected'} within {timeout}s "
-                    f"(closed={self.closed!r}, {len(self.messages)} messages, last: {shown})")
-            return list(self.messages)
-
-    def wait_message(self, message, timeout: float = DEFAULT_TIMEOUT):
-        self.wait_for(lambda msgs: message in msgs, timeout, repr(message)[:80])
-
-    def wait_closed(self, timeout: float = DEFAULT_TIMEOUT) -> ConnectionClosed:
-        """Wait for the server to end the connection; returns how it ended."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"watcher still connected after {timeout}s"
-        assert self.closed is not None
-        return self.closed
-
-    @property
-    def connected(self) -> bool:
-        return self.closed is None and self._thread.is_alive()
-
-    def close(self) -> None:
-        try:
-            self._cm.__exit__(None, None, None)
-        except Exception:
-            pass
-        self._thread.join(5)
-
-    def __enter__(self) -> Watcher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+# A probe of the chat through a well-behaved client, and process probes.
 
 
 _probe_counter = iter(range(10 ** 9))
@@ -488,7 +424,7 @@ _probe_lock = threading.Lock()
 def assert_chat_works(url: str, watcher: Watcher, timeout: float = DEFAULT_TIMEOUT, server=None) -> str:
     """A fresh well-behaved client says something unique; ``watcher`` must hear it.
 
-    ``server`` (a conftest.ServerProcess) adds the tail of its log to a failure.
+    ``server`` (a support.process.ServerProcess) adds the tail of its log to a failure.
     """
     with _probe_lock:
         n = next(_probe_counter)

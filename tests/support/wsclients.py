@@ -136,42 +136,62 @@ def expect_silence(ws, timeout: float = 0.5) -> None:
 
 
 class Collector(threading.Thread):
-    """Reads ``n`` messages from a client in the background."""
+    """Reads messages from a client in the background, each with its arrival time.
 
-    def __init__(self, ws, n: int, timeout: float, name: str = "collector") -> None:
+    ``n`` messages within ``timeout`` seconds (fewer is an error, reported by
+    ``result``), or with ``n=None`` everything until the server ends the
+    connection. The one background reader of the suite: ``TimedReceiver`` and
+    ``Watcher`` are this thread on a connection of their own.
+    """
+
+    ENDS: tuple[type[BaseException], ...] = ()  # exceptions that end the reading normally, kept in .closed
+
+    def __init__(self, ws, n: int | None, timeout: float | None, name: str = "collector") -> None:
         super().__init__(name=name, daemon=True)
         self.ws = ws
         self.n = n
         self.timeout = timeout
         self.messages: list = []
+        self.arrivals: list[int] = []  # time.monotonic_ns() at each message's arrival
         self.error: BaseException | None = None
+        self.closed: BaseException | None = None
         self.finished_at: float | None = None
-        self.progress = threading.Condition()
+        self.progress = threading.Condition()  # guards messages, arrivals, closed, error
+
+    def _receive(self, timeout: float | None):
+        return recv(self.ws, timeout)
 
     def run(self) -> None:
-        deadline = time.monotonic() + self.timeout
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            while len(self.messages) < self.n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while self.n is None or len(self.messages) < self.n:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"got {len(self.messages)} of {self.n} messages")
-                message = recv(self.ws, remaining)
+                message = self._receive(remaining)
                 with self.progress:
                     self.messages.append(message)
+                    self.arrivals.append(time.monotonic_ns())
                     self.progress.notify_all()
             self.finished_at = time.monotonic()
+        except self.ENDS as exc:
+            self.closed = exc
         except BaseException as exc:  # reported by result()
             self.error = exc
         finally:
             with self.progress:
                 self.progress.notify_all()
 
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Block until ``predicate(messages)`` (or the reader stopped); whether it holds."""
+        with self.progress:
+            self.progress.wait_for(lambda: predicate(self.messages) or not self.is_alive(), timeout)
+            return bool(predicate(self.messages))
+
     def wait_for(self, count: int, timeout: float) -> None:
         """Block until ``count`` messages have arrived (or the reader stopped)."""
-        with self.progress:
-            if not self.progress.wait_for(
-                    lambda: len(self.messages) >= count or not self.is_alive(), timeout):
-                raise TimeoutError(f"{self.name}: {len(self.messages)} of {count} messages after {timeout}s")
+        if not self.wait_until(lambda messages: len(messages) >= count, timeout) and self.is_alive():
+            raise TimeoutError(f"{self.name}: {len(self.messages)} of {count} messages after {timeout}s")
 
     def result(self, timeout: float | None = None) -> list:
         self.join(self.timeout + 5 if timeout is None else timeout)
@@ -179,6 +199,75 @@ class Collector(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"{self.name}: {self.error!r} after {len(self.messages)} messages")
         return self.messages
+
+
+class TimedReceiver(Collector):
+    """A websocket-client reading ``n`` messages; ``result()`` pairs each with its arrival in ns."""
+
+    def __init__(self, url: str, n: int, timeout: float) -> None:
+        super().__init__(wsc_connect(url, timeout=timeout), n, timeout, name="timed-receiver")
+
+    def result(self) -> list[tuple[int, str]]:
+        return list(zip(self.arrivals, super().result()))
+
+    def close(self) -> None:
+        try:
+            self.ws.close(timeout=1)
+        except Exception:
+            pass
+
+
+class Watcher(Collector):
+    """A websockets sync client whose thread records every message it receives until it is closed."""
+
+    ENDS = (ConnectionClosed,)
+
+    def __init__(self, url: str, *, max_size: int | None = 2 ** 21, open_timeout: float = TIMEOUT) -> None:
+        # Entered as a context manager, which websockets >= 17 wants, but
+        # held open across the test; close() exits it.
+        self._cm = _websockets_connect(url, max_size=max_size, open_timeout=open_timeout, close_timeout=2)
+        super().__init__(self._cm.__enter__(), None, None, name="watcher")
+        self.start()
+
+    def _receive(self, timeout: float | None):
+        return self.ws.recv(timeout)  # ConnectionClosed (kept in .closed) once the server ends it
+
+    def wait_for(self, predicate, timeout: float = TIMEOUT, what: str = "") -> list:
+        """Wait until ``predicate(messages)``; returns the messages."""
+        if not self.wait_until(predicate, timeout):
+            shown = [m if isinstance(m, str) and len(m) < 80 else f"<{len(m)}>" for m in self.messages[-10:]]
+            raise AssertionError(
+                f"watcher did not get {what or 'what was expected'} within {timeout}s "
+                f"(closed={self.closed!r}, {len(self.messages)} messages, last: {shown})")
+        with self.progress:
+            return list(self.messages)
+
+    def wait_message(self, message, timeout: float = TIMEOUT):
+        self.wait_for(lambda msgs: message in msgs, timeout, repr(message)[:80])
+
+    def wait_closed(self, timeout: float = TIMEOUT) -> ConnectionClosed:
+        """Wait for the server to end the connection; returns how it ended."""
+        self.join(timeout)
+        assert not self.is_alive(), f"watcher still connected after {timeout}s"
+        assert self.closed is not None, self.error
+        return self.closed
+
+    @property
+    def connected(self) -> bool:
+        return self.closed is None and self.is_alive()
+
+    def close(self) -> None:
+        try:
+            self._cm.__exit__(None, None, None)
+        except Exception:
+            pass
+        self.join(5)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # Raw sockets

@@ -20,7 +20,7 @@ import warnings
 import pytest
 
 from broadcast.config import parse_server_args
-from conftest import ROOT, clean_env
+from support.process import ROOT, clean_env
 
 UNIT = ROOT / "contrib" / "broadcast-server.service"
 INSTALLED_PROGRAM = "/opt/broadcast/bin/broadcast-server"  # the README's venv in /opt/broadcast

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pexpect
@@ -32,84 +31,28 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from rawws import accept_for, build_frame, close_payload
+from support.process import CLIENT, ROOT, ClientProcess, Lines, clean_env, run
+from support.rawws import accept_for, build_frame, close_payload
 
 from broadcast.client import CONTINUATION_INDENT as CONTINUATION
 from broadcast.client import server_url
 
-ROOT = Path(__file__).resolve().parent.parent
-CLIENT = [sys.executable, "scripts/client.py"]
 WAIT = 5.0  # seconds for any one expected event
 READY = r"connected to [^\r\n]+\r\n"  # the line an interactive client prints once connected
 # A developer's BROADCAST_USERNAME and the like would change what the client does.
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
+ENV = clean_env()
 
 
 def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLIENT, *args], cwd=ROOT, env=ENV, input=input, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-class Lines:
-    """Lines of a child's pipe, read by a thread so that a test can wait with a timeout."""
-
-    def __init__(self, stream) -> None:
-        self.seen: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def expect(self, wanted: str, timeout: float = WAIT) -> str:
-        """The first new line containing ``wanted``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"stream ended before {wanted!r}; lines: {self.seen}")
-            self.seen.append(line)
-            if wanted in line:
-                return line
-
-    def all(self, timeout: float = WAIT) -> list[str]:
-        """Every line, once the stream has ended."""
-        deadline = time.monotonic() + timeout
-        while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-            self.seen.append(line)
-        return self.seen
-
-
-class PipedClient:
-    """A client in pipe mode whose stdin stays open until the test closes it."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*CLIENT, *args], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stdout = Lines(self.proc.stdout)
-        self.stderr = Lines(self.proc.stderr)
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait(self, timeout: float = WAIT) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    return run(CLIENT, *args, env=ENV, input=input, timeout=timeout)
 
 
 @pytest.fixture
 def piped():
-    clients: list[PipedClient] = []
+    clients: list[ClientProcess] = []
 
-    def start(*args: str) -> PipedClient:
-        clients.append(PipedClient(*args))
+    def start(*args: str) -> ClientProcess:
+        clients.append(ClientProcess(*args, env=ENV))
         return clients[-1]
 
     yield start
@@ -425,9 +368,8 @@ def test_token_flag_and_environment(start_server):
     assert "HTTP 401" in refused.stderr and len(refused.stderr.splitlines()) == 1
     done = run_client("--addr", server.addr, "--username", "Bob", "--token", "s3cret", input="hi\n")
     assert (done.returncode, done.stdout) == (0, "[Bob] hi\n")
-    env_done = subprocess.run([*CLIENT, "--addr", server.addr], cwd=ROOT, input="yo\n",
-                              env={**ENV, "BROADCAST_TOKEN": "s3cret"}, capture_output=True,
-                              text=True, timeout=10)
+    env_done = run(CLIENT, "--addr", server.addr, env={**ENV, "BROADCAST_TOKEN": "s3cret"}, input="yo\n",
+                   timeout=10)
     assert (env_done.returncode, env_done.stdout) == (0, "yo\n")
 
 
@@ -783,25 +725,17 @@ def test_a_line_over_the_limit_is_refused_at_the_prompt_and_the_session_goes_on(
 def test_version_on_both_programs():
     client = run_client("--version")
     assert (client.returncode, client.stdout) == (0, "broadcast-client 0.1.0\n")
-    server = subprocess.run([sys.executable, "-m", "broadcast.server", "--version"], cwd=ROOT,
-                            env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=10)
+    server = run([sys.executable, "-m", "broadcast.server"], "--version", env={**ENV, "PYTHONPATH": str(ROOT)},
+                 timeout=10)
     assert (server.returncode, server.stdout) == (0, "broadcast-server 0.1.0\n")
 
 
 def test_python_dash_m_runs_both_programs(start_server):
     env = {**ENV, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "broadcast.server", "--host", "127.0.0.1", "--port", "0"],
-                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        port = next(m for line in server.stderr if (m := re.search(r"listening on ws://[0-9.]+:(\d+)", line)))[1]
-        client = subprocess.run([sys.executable, "-m", "broadcast.client", "--addr", f"127.0.0.1:{port}",
-                                 "--username", "Mo"], cwd=ROOT, env=env, input="hi\n", capture_output=True,
-                                text=True, timeout=10)
-        assert (client.returncode, client.stdout, client.stderr) == (0, "[Mo] hi\n", "")
-    finally:
-        server.kill()
-        server.wait()
+    server = start_server(program=[sys.executable, "-m", "broadcast.server"], env=env)
+    client = run([sys.executable, "-m", "broadcast.client"], "--addr", server.addr, "--username", "Mo", env=env,
+                 input="hi\n", timeout=10)
+    assert (client.returncode, client.stdout, client.stderr) == (0, "[Mo] hi\n", "")
 
 
 def test_refusals_say_which_flag_to_use(start_server):

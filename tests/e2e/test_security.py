@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +13,7 @@ import websocket
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import ROOT, clean_env
+from support.process import SERVER, clean_env, run
 
 RECV_S = 5.0
 
@@ -153,10 +151,7 @@ def test_unloadable_certificate_stops_the_server_with_exit_2(tmp_path, certs, pr
         "garbage": ["--certfile", str(garbage)],
         "key-without-cert": ["--keyfile", certs["key"]],
     }[problem]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "server.py"), "--host", "127.0.0.1", "--port", "0", *args],
-        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=20,
-    )
+    done = run(SERVER, "--host", "127.0.0.1", "--port", "0", *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

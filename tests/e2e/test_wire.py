@@ -1,4 +1,4 @@
-"""RFC 6455 on the wire: frames no well-behaved client sends, sent by hand (tests/rawws.py).
+"""RFC 6455 on the wire: frames no well-behaved client sends, sent by hand (tests/support/rawws.py).
 
 One server serves the whole module (default options: 1 MiB max message);
 every test has its own watcher, a well-behaved client that must stay
@@ -15,21 +15,18 @@ import time
 
 import pytest
 
-from conftest import ServerProcess
-from rawws import (
-    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RESERVED_OPCODES,
-    RawWS, Watcher, assert_chat_works, build_frame, close_payload, proc_stats,
+from support.process import ServerProcess, module_server
+from support.rawws import (
+    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RESERVED_OPCODES, RawWS, assert_chat_works,
+    build_frame, close_payload, proc_stats,
 )
+from support.wsclients import Watcher
 
 MIB = 1024 * 1024
 WAIT = 5.0
 
 
-@pytest.fixture(scope="module")
-def wire_server():
-    server = ServerProcess([])
-    yield server
-    server.kill()
+wire_server = module_server("wire_server")
 
 
 @pytest.fixture

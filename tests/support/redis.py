@@ -1,4 +1,4 @@
-"""Helpers for the multi-node tests (tests/test_redis.py): a real Redis, /healthz, timed receivers.
+"""Helpers for the multi-node tests (tests/e2e/test_redis.py): a real Redis, its /healthz state, receivers.
 
 Redis is a real ``redis-server`` run by pytest-redis's ``RedisExecutor``
 (mirakuru), on a free port chosen by ``port_for`` as pytest-redis does, with
@@ -9,20 +9,18 @@ which the outage tests need. Every blocking call here takes a timeout.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import redis
-import websocket  # websocket-client
 from port_for import get_port
 from pytest_redis.config import get_config
 from pytest_redis.executor import RedisExecutor
+
+from support import process
 
 NOT_INSTALLED = "redis-server not installed: Redis tests SKIPPED (install redis-server or pass --redis-exec)"
 START_TIMEOUT_S = 10
@@ -149,77 +147,12 @@ class Monitor(threading.Thread):
         return self.commands
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment minus any BROADCAST_* the developer has set, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
 # /healthz
-
-
-def health(node, timeout: float = 5.0) -> tuple[int, list[str], str]:
-    """GET /healthz: (status, every Content-Type header, body text)."""
-    url = f"http://{node.host}:{node.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.headers.get_all("Content-Type"), response.read().decode()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.headers.get_all("Content-Type"), error.read().decode()
 
 
 def wait_health(node, state: str, timeout: float = 5.0) -> dict:
     """Poll /healthz until its ``redis`` is ``state``; the body, parsed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, _, body = health(node)
-        parsed = json.loads(body)
-        if parsed["redis"] == state:
-            return parsed
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/healthz still {status} {body.strip()} after {timeout}s, not {state!r}")
-        time.sleep(0.02)
-
-
-# Receivers that note when each message arrived
-
-
-class TimedReceiver(threading.Thread):
-    """A websocket-client reading ``n`` messages, each with ``time.monotonic_ns()`` on arrival."""
-
-    def __init__(self, url: str, n: int, timeout: float) -> None:
-        super().__init__(name="timed-receiver", daemon=True)
-        self.ws = websocket.create_connection(url, timeout=timeout)
-        self.n = n
-        self.timeout = timeout
-        self.received: list[tuple[int, str]] = []  # (arrival ns, text)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        try:
-            while len(self.received) < self.n:
-                self.ws.settimeout(max(0.01, deadline - time.monotonic()))
-                text = self.ws.recv()
-                self.received.append((time.monotonic_ns(), text))
-        except BaseException as exc:  # reported by result()
-            self.error = exc
-
-    def result(self) -> list[tuple[int, str]]:
-        self.join(self.timeout + 5)
-        assert not self.is_alive(), "receiver still reading"
-        if self.error is not None:
-            raise AssertionError(f"{self.error!r} after {len(self.received)} of {self.n} messages")
-        return self.received
-
-    def close(self) -> None:
-        try:
-            self.ws.close(timeout=1)
-        except Exception:
-            pass
+    return process.wait_health(node, lambda body: body["redis"] == state, timeout, repr(state))
 
 
 def percentile(sorted_values: list[float], p: float) -> float:

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, clean_env
-from wsclients import recv, send, url_for, ws_connect
+from support.process import ROOT, clean_env
+from support.wsclients import recv, send, url_for, ws_connect
 
 README = ROOT / "README.md"
 INSTALL_TIMEOUT_S = 240  # a venv and a pip install from the package index, on a loaded machine

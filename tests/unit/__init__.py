@@ -1,0 +1,1 @@
+"""In-process tests of the modules that need no socket and no process."""

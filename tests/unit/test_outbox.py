@@ -1,0 +1,290 @@
+"""The outbox in-process: its bound, its verdicts, and flush against a fake transport.
+
+The transport is a fake because the outbox only ever calls five methods on
+it; what it takes per send is what a test sets, so a full socket is one
+assignment, not a client that stops reading. The writer is a fake that only
+records what was scheduled: these tests call ``flush`` themselves, as the
+writer thread would. Time, for "the socket has stalled", is a fake clock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from broadcast import outbox as outbox_module
+from broadcast.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
+                              STALLED_AFTER_S, Outbox)
+from support.fakes import FakeTime
+
+WAIT_S = 5.0  # bound on any wait for another thread
+
+
+class FakeTransport:
+    """Takes at most ``takes`` bytes per send (None: all of them); records what it got."""
+
+    def __init__(self, takes: int | None = None) -> None:
+        self.takes = takes
+        self.sent = bytearray()
+        self.fail: OSError | None = None
+        self.during_send = None  # called inside send_nowait, as if another thread ran then
+        self.shut = False
+        self.aborted = False
+
+    def encode(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+    def send_nowait(self, data) -> int:
+        if self.during_send is not None:
+            self.during_send()
+        if self.fail is not None:
+            raise self.fail
+        n = len(data) if self.takes is None else min(self.takes, len(data))
+        if n == 0:
+            raise BlockingIOError
+        self.sent += bytes(data[:n])
+        return n
+
+    def shutdown_write(self) -> None:
+        self.shut = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.scheduled: list[Outbox] = []
+
+    def schedule(self, outbox: Outbox) -> None:
+        self.scheduled.append(outbox)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(outbox_module, "time", clock)
+    return clock
+
+
+def make(limit: int = 100, takes: int | None = None) -> tuple[Outbox, FakeTransport, FakeWriter]:
+    transport, writer = FakeTransport(takes), FakeWriter()
+    return Outbox(transport, writer, limit), transport, writer
+
+
+def until(predicate) -> bool:
+    """Whether ``predicate()`` came true within WAIT_S (another thread's progress)."""
+    pause = threading.Event()
+    for _ in range(int(WAIT_S / 0.01)):
+        if predicate():
+            return True
+        pause.wait(0.01)
+    return predicate()
+
+
+def stall(outbox: Outbox, transport: FakeTransport, clock: FakeTime) -> None:
+    """Make the socket take nothing, and let STALLED_AFTER_S pass."""
+    transport.takes = 0
+    assert outbox.flush() == BLOCKED
+    clock.now += STALLED_AFTER_S + 0.1
+
+
+# put: the bound and its verdicts
+
+
+def test_put_under_the_bound_queues_and_schedules_the_outbox_once():
+    outbox, _, writer = make()
+    assert outbox.put(b"a" * 10) == QUEUED
+    assert outbox.put(b"b" * 10) == QUEUED
+    assert writer.scheduled == [outbox]
+    assert outbox.queued == 20
+
+
+def test_a_frame_larger_than_the_bound_is_admitted_to_an_empty_outbox():
+    outbox, transport, _ = make(limit=10)
+    assert outbox.put(b"x" * 50) == QUEUED
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"x" * 50
+
+
+def test_past_the_bound_with_a_socket_that_takes_data_is_behind_and_keeps_the_frame(clock):
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 11)
+    assert outbox.put(b"y") == BEHIND
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"x" * 11 + b"y"
+
+
+def test_past_the_bound_with_a_stalled_socket_is_evicted_and_the_backlog_dropped(clock):
+    outbox, transport, _ = make(limit=10, takes=4)
+    outbox.put(b"x" * 30)
+    assert outbox.flush() == BLOCKED  # 4 sent, 26 in the head
+    stall(outbox, transport, clock)
+    assert outbox.put(b"y") == EVICTED
+    assert (outbox.closing, outbox.chunks, outbox.queued) == (True, [], 0)
+    assert outbox.put(b"z") == QUEUED  # closing: nothing more is kept
+    assert outbox.chunks == []
+
+
+def test_a_socket_blocked_for_less_than_the_stall_time_is_only_behind(clock):
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 30)
+    transport.takes = 0
+    assert outbox.flush() == BLOCKED
+    clock.now += STALLED_AFTER_S / 2
+    assert outbox.put(b"y") == BEHIND
+
+
+def test_over_and_stalled_follow_the_bound_and_the_clock(clock):
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 30)
+    assert outbox.over()
+    assert not outbox.stalled()  # never blocked
+    stall(outbox, transport, clock)
+    assert outbox.stalled()
+    assert outbox.closing
+
+
+# put_control: protocol output
+
+
+def test_control_writes_are_one_chunk_that_counts_its_overhead():
+    outbox, transport, _ = make()
+    assert outbox.put_control([b"pong1", b"pong2"], closing=False)
+    assert outbox.chunks == [b"pong1pong2"]
+    assert outbox.queued == len(b"pong1pong2") + CHUNK_OVERHEAD_BYTES
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"pong1pong2"
+
+
+def test_control_past_the_bound_with_a_stalled_socket_asks_for_eviction(clock):
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 30)
+    stall(outbox, transport, clock)
+    assert outbox.put_control([b"pong"], closing=False) is False
+    assert (outbox.chunks, outbox.queued, outbox.closing) == ([], 0, True)
+
+
+def test_the_close_frame_goes_through_even_past_the_bound(clock):
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 30)
+    stall(outbox, transport, clock)
+    assert outbox.put_control([b"close"], closing=True)
+    assert outbox.closing
+    transport.takes = None
+    assert outbox.flush() == FLUSHED  # the rest of the head and the close frame, joined into one send
+    assert transport.sent == b"x" * 30 + b"close"
+
+
+def test_an_empty_write_half_closes_once_everything_before_it_is_sent():
+    outbox, transport, _ = make()
+    outbox.put(b"last")
+    assert outbox.put_control([b"close", b""], closing=True)
+    while outbox.flush() == AGAIN:
+        pass
+    assert transport.sent == b"lastclose"
+    assert transport.shut
+
+
+# flush with a transport that takes N bytes
+
+
+def test_flush_sends_in_order_what_the_socket_takes_and_keeps_the_rest(clock):
+    outbox, transport, _ = make(limit=1000, takes=7)
+    frames = [bytes([65 + i]) * (i + 3) for i in range(6)]
+    for frame in frames:
+        outbox.put(frame)
+    results = []
+    while (result := outbox.flush()) == BLOCKED:
+        results.append(result)
+        assert len(transport.sent) == 7 * len(results)
+    assert result == FLUSHED
+    assert transport.sent == b"".join(frames)
+    assert not outbox.scheduled and outbox.head == b""
+
+
+def test_what_arrives_during_a_send_makes_flush_answer_again():
+    outbox, transport, _ = make()
+    outbox.put(b"first")
+    transport.during_send = lambda: outbox.put(b"second")
+    assert outbox.flush() == AGAIN
+    transport.during_send = None
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"firstsecond"
+
+
+def test_a_blocked_socket_starts_the_stall_clock_and_progress_resets_it(clock):
+    outbox, transport, _ = make(takes=0)
+    outbox.put(b"x" * 10)
+    assert outbox.flush() == BLOCKED
+    assert outbox.blocked_since == clock.now
+    clock.now += 1
+    transport.takes = 3
+    assert outbox.flush() == BLOCKED
+    assert outbox.blocked_since == clock.now  # sent something: counted from now again
+
+
+def test_a_failed_send_aborts_the_transport_and_drops_what_is_owed():
+    outbox, transport, _ = make()
+    outbox.put(b"x" * 10)
+    transport.fail = ConnectionResetError()
+    assert outbox.flush() == FLUSHED
+    assert transport.aborted
+    assert (outbox.closing, outbox.queued, outbox.head) == (True, 0, b"")
+    outbox.drain(WAIT_S)  # returns at once: nothing more can be sent
+
+
+# drain, wait and release
+
+
+def test_drain_waits_until_the_writer_has_sent_everything():
+    outbox, transport, _ = make()
+    outbox.put(b"owed")
+    done = threading.Event()
+    drainer = threading.Thread(target=lambda: (outbox.drain(30), done.set()), daemon=True)
+    drainer.start()
+    assert until(lambda: outbox.drained is not None)  # the drainer is waiting
+    assert not done.is_set()
+    assert outbox.flush() == FLUSHED
+    assert done.wait(WAIT_S)
+    assert transport.sent == b"owed"
+
+
+def test_drain_of_an_idle_outbox_returns_at_once():
+    outbox, _, _ = make()
+    outbox.drain(30)
+    assert outbox.drained is None
+
+
+def test_wait_returns_once_the_writer_brings_the_client_back_under_its_bound():
+    outbox, transport, _ = make(limit=10)
+    outbox.put(b"x" * 30)
+    assert outbox.wait(0) is False
+    caught_up = []
+    waiter = threading.Thread(target=lambda: caught_up.append(outbox.wait(30)), daemon=True)
+    waiter.start()
+    assert until(lambda: outbox.caught_up is not None)  # the waiter is waiting
+    assert outbox.flush() == FLUSHED
+    waiter.join(WAIT_S)
+    assert caught_up == [True]
+
+
+def test_release_drops_what_is_owed_wakes_waiters_and_lets_the_writer_close():
+    outbox, transport, writer = make(limit=10)
+    outbox.put(b"x" * 30)
+    waiter_result = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(outbox.wait(30)), daemon=True)
+    waiter.start()
+    assert until(lambda: outbox.caught_up is not None)
+    outbox.release()
+    waiter.join(WAIT_S)
+    assert waiter_result == [True]
+    assert writer.scheduled[-1] is outbox
+    assert outbox.flush() == GONE
+    assert transport.sent == b""
+    assert outbox.put_control([b"pong"], closing=False)  # a dead outbox takes nothing more
+    assert outbox.chunks == []
