@@ -867,20 +867,30 @@ class HostileServer:
             self.sent += len(chunk)
 
 
+# Runs the client and reports its peak RSS. The kernel's ru_maxrss for a child
+# counts the address space it forked from until it execs, so straight from
+# pytest it would report pytest's own size; from this small parent it reports
+# the client's.
+MEASURE = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); "
+           "_, status, usage = os.wait4(pid, 0); print(usage.ru_maxrss); "
+           "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run_against(server: HostileServer, *args: str, timeout: float = 30) -> SimpleNamespace:
     """Run the client in listen-only mode; its status, its stderr, and its peak RSS from the kernel."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([*CLIENT, "--addr", server.addr, "--listen-only", *args], cwd=ROOT, env=ENV,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)  # a client that waits forever fails, not hangs
+        proc = subprocess.Popen([sys.executable, "-c", MEASURE, *CLIENT, "--addr", server.addr, "--listen-only",
+                                 *args], cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True)
+        # A client that waits forever fails, not hangs: the group holds the client and its parent.
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            out, _ = proc.communicate()
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
-        return SimpleNamespace(status=proc.returncode, stderr=err.read(), max_rss_kib=usage.ru_maxrss)
+        return SimpleNamespace(status=proc.returncode, stderr=err.read(), max_rss_kib=int(out or 0))
 
 
 def test_trickled_handshake_is_bounded_by_the_connect_timeout():
