@@ -44,7 +44,7 @@ from websockets.sync.client import connect
 
 from broadcast.config import parse_client_args
 from broadcast.redact import redact_url
-from broadcast.limits import LIMITS_HEADER, ONLINE_HEADER, TokenBucket, parse_limits_header
+from broadcast.net.limits import LIMITS_HEADER, ONLINE_HEADER, TokenBucket, parse_limits_header
 
 PROG = "broadcast-client"
 PROMPT = "> "

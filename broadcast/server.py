@@ -21,16 +21,17 @@ import uuid
 
 from websockets.frames import CloseCode, Opcode
 
-from . import handshake, logsafe
-from .bus import LocalBus
+from . import logs
+from .bus.base import LocalBus
+from .bus.redis import RedisBus, RedisUnavailable
+from .chat import admission as handshake
+from .chat.rooms import Hub
 from .config import parse_server_args
-from .connection import Connection
-from .hub import Hub
-from .limits import LIMITS_HEADER, ONLINE_HEADER, AddressCounts, ByteBudget, limits_header
-from .outbox import WriterPool
-from .redis_bus import RedisBus, RedisUnavailable
-from .tls import TLSTransport, server_context
-from .transport import PlainTransport
+from .net.connection import Connection
+from .net.limits import LIMITS_HEADER, ONLINE_HEADER, AddressCounts, ByteBudget, limits_header
+from .net.outbox import WriterPool
+from .net.tls import TLSTransport, server_context
+from .net.transport import PlainTransport
 
 log = logging.getLogger("broadcast.server")
 
@@ -342,7 +343,7 @@ def _raise_open_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_server_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    logsafe.install()
+    logs.install()
     # websockets logs every open and close at INFO; ours already does, once.
     logging.getLogger("broadcast.wire").setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     for warning in config.config_warnings:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .outbox import EVICTED
+from ..net.outbox import EVICTED
 
 # Longest a reader is held back, after one read, for clients that our
 # writers have not caught up with; past it, it reads on. A client whose

@@ -44,8 +44,8 @@ from redis.retry import Retry
 
 from websockets.frames import Opcode
 
-from .bus import encode
-from .redact import redact_url
+from ..redact import redact_url
+from .base import encode
 
 log = logging.getLogger("broadcast.redis")
 

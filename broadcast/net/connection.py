@@ -18,7 +18,7 @@ import time
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, SEND_EOF
 
-from .handshake import Refused
+from ..chat.admission import Refused
 from .limits import TokenBucket, give_back_memory
 from .outbox import Outbox
 from .protocol import BroadcastProtocol
