@@ -1,11 +1,15 @@
-"""Where a message goes once a client has sent it: the seam between one node and many.
+"""What every bus offers, and the one encoding of a frame they all deliver.
 
-``LocalBus`` hands it straight to this node's hub. ``redis_bus.RedisBus``
-sends it round through Redis first, so that every node, this one included,
-delivers the same messages in the one order Redis gives them.
+``local.LocalBus`` hands a message straight to this node's room.
+``redis.RedisBus`` sends it round through Redis first, so that every node,
+this one included, delivers the same messages in the one order Redis gives
+them. A bus delivers into rooms (``rooms[name].broadcast(frame, skip)``),
+given to it as an object; it imports neither the engine nor the chat.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from websockets.frames import Frame, Opcode
 
@@ -15,25 +19,24 @@ def encode(opcode: Opcode, payload: bytes) -> bytes:
     return Frame(opcode, payload).serialize(mask=False)
 
 
-class LocalBus:
-    state = "off"  # no Redis: for /healthz
+class Bus(Protocol):
+    state: str  # for /healthz: "off" (no Redis), "ok", "stalled" or "reconnecting"
 
-    def __init__(self, hub) -> None:
-        self._hub = hub
+    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None) -> object | None:
+        """Deliver to every member of ``room`` on every node, except member id ``skip`` (a joiner).
 
-    def publish(self, opcode: Opcode, payload: bytes, skip=None) -> None:
-        """Deliver to every local client except ``skip`` (a joiner or leaver).
-
-        Returns None: the sender's own copy is in its outbox already, so
-        there is nothing to settle.
+        Returns what ``settle`` takes to wait for the sender's own copy, or
+        None when it is already in the sender's outbox.
         """
-        self._hub.broadcast(encode(opcode, payload), skip)
+
+    def settle(self, pending: object) -> None:
+        """Return (bounded) once the message ``publish`` returned ``pending`` for is delivered here."""
 
     def check(self) -> None:
-        """Nothing to reach."""
+        """Raise if the bus cannot be reached now."""
 
     def start(self) -> None:
-        """Nothing to subscribe to."""
+        """Subscribe, before the server takes clients."""
 
     def close(self, deadline: float) -> None:
-        """Nothing to disconnect from."""
+        """Disconnect by ``deadline`` (monotonic)."""
