@@ -89,19 +89,16 @@ class Room:
                     return
 
 
-class Rooms:
-    """Every room by name; the home of rooms. Today only the default room exists, made at start."""
+class Rooms(dict):
+    """Every room by name; the home of rooms. Today only the default room exists, made at start.
+
+    A dict itself, so that the bus's lookup on every message costs no Python call.
+    """
 
     def __init__(self) -> None:
-        self.default = Room(DEFAULT_ROOM)
-        self._rooms = {DEFAULT_ROOM: self.default}
-
-    def __getitem__(self, name: str) -> Room:
-        return self._rooms[name]
-
-    def get(self, name: str) -> Room | None:
-        return self._rooms.get(name)
+        super().__init__()
+        self.default = self[DEFAULT_ROOM] = Room(DEFAULT_ROOM)
 
     def online(self) -> int:
         """Members of all rooms, for /healthz."""
-        return sum(len(room) for room in self._rooms.values())
+        return sum(len(room) for room in self.values())
