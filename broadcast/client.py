@@ -42,9 +42,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMes
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
 from websockets.sync.client import connect
 
+from broadcast.chat.app import ONLINE_HEADER
 from broadcast.config import parse_client_args
+from broadcast.net.limits import LIMITS_HEADER, TokenBucket, parse_limits_header
 from broadcast.redact import redact_url
-from broadcast.limits import LIMITS_HEADER, ONLINE_HEADER, TokenBucket, parse_limits_header
 
 PROG = "broadcast-client"
 PROMPT = "> "

@@ -7,6 +7,10 @@ that precedence for us. Bad configuration must cost the user one line on
 stderr and exit code 2, never a traceback, so the parser's ``error`` is
 narrowed to exactly that. A file is never half-read: a section or key this
 program does not know is an error naming the file, not a silent default.
+
+The programs get a frozen dataclass each (``ServerConfig``, ``ClientConfig``),
+never the parser's Namespace: a module reads only fields that exist, and
+nobody changes the configuration after it is parsed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import configparser
 import json
 import logging
 import sys
+from dataclasses import dataclass
 
 import configargparse
 from redis.connection import parse_url
@@ -31,6 +36,56 @@ SECTIONS = ("server", "client")
 SWITCH_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    max_message_size: int  # bytes; 0 is no limit
+    send_queue_bytes: int
+    write_timeout: float  # seconds; 0 disables, as for the other timeouts
+    ping_interval: float
+    ping_timeout: float
+    max_connections: int
+    max_handshakes: int
+    max_handshakes_per_ip: int
+    max_pending_bytes: int
+    open_timeout: float
+    shutdown_timeout: float
+    log_level: str
+    allowed_origin: list[str] | None
+    token: str | None
+    certfile: str | None
+    keyfile: str | None
+    rate_limit: float  # messages a second; 0 is off
+    rate_burst: int
+    max_connections_per_ip: int
+    require_username: bool
+    redis_url: str | None
+    redis_channel: str
+    redis_optional: bool
+    config_file: str | None
+    config_warnings: list[str]  # from the file, for the server to log
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    addr: str
+    username: str | None
+    token: str | None
+    ca_file: str | None
+    linger: float
+    connect_timeout: float
+    listen_only: bool
+    max_message_size: int
+    no_color: bool
+    timestamps: bool
+    header: list[str] | None
+    origin: str | None
+    insecure: bool
+    config_file: str | None
+    config_warnings: list[str]
 
 
 class OneLineParser(configargparse.ArgumentParser):
@@ -318,20 +373,25 @@ def _parse(parser: OneLineParser, argv: list[str] | None) -> argparse.Namespace:
     return config
 
 
-def parse_server_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _typed(cls, namespace: argparse.Namespace):
+    """``namespace`` as ``cls``; a TypeError here is an option without its field: a bug, not bad input."""
+    return cls(**vars(namespace))
+
+
+def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
     parser = server_parser()
     config = _parse(parser, argv)
     if config.keyfile and not config.certfile:
         parser.error("--keyfile needs --certfile")
     if config.rate_burst is None:
         config.rate_burst = max(1, round(config.rate_limit))
-    return config
+    return _typed(ServerConfig, config)
 
 
-def parse_client_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_client_args(argv: list[str] | None = None) -> ClientConfig:
     """The client has no log: a file's warning is printed, as its other messages are."""
     parser = client_parser()
     config = _parse(parser, argv)
     for warning in config.config_warnings:
         sys.stderr.write(f"{parser.prog}: warning: {warning}\n")
-    return config
+    return _typed(ClientConfig, config)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
-from broadcast import logsafe
+from broadcast import logs as logsafe
 from support.process import wait_joined
 from support.rawws import (
     OP_TEXT,

@@ -12,8 +12,8 @@ from urllib.parse import quote
 import pytest
 from websockets.datastructures import Headers
 
-from broadcast import handshake
-from broadcast.handshake import Admission, Refused, name_problem
+from broadcast.chat import admission as handshake
+from broadcast.chat.admission import Admission, Refused, name_problem
 
 
 def admit(path: str, *headers: tuple[str, str], policy: handshake.Policy = handshake.Policy()):

@@ -16,7 +16,7 @@ import pytest
 from websockets.frames import Opcode
 
 from broadcast.bus import encode
-from broadcast.redis_bus import DEDUP_WINDOW, ENVELOPE_VERSION, RedisBus
+from broadcast.bus.redis import DEDUP_WINDOW, ENVELOPE_VERSION, RedisBus
 
 CHANNEL = "broadcast"
 

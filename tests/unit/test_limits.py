@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from broadcast import limits as limits_module
-from broadcast.limits import AddressCounts, ByteBudget, TokenBucket, limits_header, parse_limits_header
+from broadcast.net import limits as limits_module
+from broadcast.net.limits import AddressCounts, ByteBudget, TokenBucket, limits_header, parse_limits_header
 from support.fakes import FakeTime
 
 THREADS = 4

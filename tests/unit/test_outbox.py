@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from broadcast import outbox as outbox_module
-from broadcast.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
+from broadcast.net import outbox as outbox_module
+from broadcast.net.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
                               STALLED_AFTER_S, Outbox)
 from support.fakes import FakeTime
 

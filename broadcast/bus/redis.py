@@ -1,19 +1,13 @@
-"""Several servers, one room: every message goes round through one Redis pub/sub channel.
+"""Several servers, the same rooms: every message goes round through one Redis pub/sub channel.
 
 A node publishes what its clients send and delivers only what comes back
 from the channel, its own messages included. Redis gives one order to all
 subscribers, so every client of every node sees the same order, and since
 nothing received is ever published again, no message can loop.
 
-The envelope on the channel is one JSON header line, then the payload bytes::
-
-    {"v": 2, "node": "3f2a9c1e4b7d", "seq": 17, "op": "text"}\\n[Alice] hi
-
-``op`` is ``text`` or ``binary``; the payload is the message exactly as
-clients get it, already attributed. ``node`` and ``seq`` name the message
-once and for all: a publish that timed out may still have reached Redis, so
-it is retried under the same id, and every node delivers an id once.
-Version 1 envelopes (no ``seq``, a ``skip`` instead) are still delivered.
+The envelope on the channel is bus/envelope.py's. ``node`` and ``seq`` name
+a message once and for all: a publish that timed out may still have reached
+Redis, so it is retried under the same id, and every node delivers an id once.
 
 Exactly once for the sender: each node keeps its own messages that have
 not come back yet (``_pending``). One that comes back is delivered from the
@@ -33,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import threading
 import time
@@ -44,12 +37,12 @@ from redis.retry import Retry
 
 from websockets.frames import Opcode
 
-from .bus import encode
-from .redact import redact_url
+from ..redact import redact_url
+from . import envelope
+from .base import encode
 
-log = logging.getLogger("broadcast.redis")
+log = logging.getLogger(__name__)
 
-ENVELOPE_VERSION = 2
 # One attempt to publish waits at most this long for Redis.
 PUBLISH_TIMEOUT_S = 1.0
 # A reader thread retries its client's message (same id, so never twice)
@@ -84,10 +77,6 @@ DEDUP_WINDOW = 4096
 # Origin nodes remembered for deduplication; a restarted node has a new id.
 MAX_ORIGINS = 256
 
-_OPS = {Opcode.TEXT: "text", Opcode.BINARY: "binary"}
-_OPCODES = {name: op for op, name in _OPS.items()}
-_SYNC = "sync"
-
 
 class RedisUnavailable(Exception):
     pass
@@ -96,11 +85,12 @@ class RedisUnavailable(Exception):
 class _Pending:
     """An own message on its way round Redis."""
 
-    __slots__ = ("frame", "skip", "published")
+    __slots__ = ("room", "frame", "skip", "published")
 
-    def __init__(self, frame: bytes, skip) -> None:
+    def __init__(self, room: str, frame: bytes, skip: int | None) -> None:
+        self.room = room
         self.frame = frame
-        self.skip = skip  # a joiner that must not get its own notice
+        self.skip = skip  # the member id of a joiner that must not get its own notice
         self.published = False  # Redis has acknowledged it
 
 
@@ -128,8 +118,8 @@ class _Origin:
 
 
 class RedisBus:
-    def __init__(self, hub, url: str, channel: str, node_id: str) -> None:
-        self._hub = hub
+    def __init__(self, rooms, url: str, channel: str, node_id: str) -> None:
+        self._rooms = rooms  # name -> room, and .default for envelopes that name none
         self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.channel = channel
         self.node_id = node_id
@@ -201,13 +191,12 @@ class RedisBus:
 
     # Reader threads.
 
-    def publish(self, opcode: Opcode, payload: bytes, skip=None) -> int | None:
+    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None) -> int | None:
         """Send round Redis; the id to settle() on, or None if delivered here already."""
         if self.state == "ok":
             seq = next(self._seqs)
-            header = {"v": ENVELOPE_VERSION, "node": self.node_id, "seq": seq, "op": _OPS[opcode]}
-            data = json.dumps(header).encode() + b"\n" + payload
-            pending = _Pending(encode(opcode, payload), skip)
+            data = envelope.encode(self.node_id, seq, room, opcode, payload)
+            pending = _Pending(room, encode(opcode, payload), skip)
             with self._lock:
                 self._pending[seq] = pending
             deadline = time.monotonic() + PUBLISH_DEADLINE_S
@@ -224,7 +213,7 @@ class RedisBus:
                 with self._lock:
                     pending.published = True  # the watchdog's next sync can now account for it
                 return seq
-        self._hub.broadcast(encode(opcode, payload), skip)
+        self._rooms[room].broadcast(encode(opcode, payload), skip)
         return None
 
     def settle(self, seq: int) -> None:
@@ -243,7 +232,7 @@ class RedisBus:
             pending = self._pending.pop(seq, None)
             self._lock.notify_all()
         if pending is not None:
-            self._hub.broadcast(pending.frame, pending.skip)
+            self._rooms[pending.room].broadcast(pending.frame, pending.skip)
 
     # Watchdog thread.
 
@@ -262,9 +251,8 @@ class RedisBus:
                 published = [seq for seq, p in self._pending.items() if p.published]
                 if published:
                     self._resolve[sync] = published
-            header = {"v": ENVELOPE_VERSION, "node": self.node_id, "seq": sync, "op": _SYNC}
             try:
-                self._client.publish(self.channel, json.dumps(header).encode() + b"\n")
+                self._client.publish(self.channel, envelope.encode_sync(self.node_id, sync))
             except redis.RedisError as exc:
                 log.debug("watchdog sync failed: %s", exc)
                 with self._lock:
@@ -315,29 +303,20 @@ class RedisBus:
             self._deliver_own(seq)
 
     def _deliver(self, data: bytes) -> None:
-        try:
-            head, _, payload = data.partition(b"\n")
-            header = json.loads(head)
-            version, node, op = header["v"], header["node"], header["op"]
-            if version == 1:
-                if header["skip"] is not None and type(header["skip"]) is not int:
-                    raise TypeError("skip must be a connection id")
-                seq = None
-            else:
-                seq = header["seq"]
-                if type(seq) is not int or version != ENVELOPE_VERSION or type(node) is not str:
-                    raise TypeError("an id is a node and a number")
-            opcode = None if op == _SYNC and seq is not None else _OPCODES[op]
-        except (ValueError, KeyError, TypeError):
+        message = envelope.decode(data)
+        if message is None:
             log.warning("ignoring a malformed message on channel %s", self.channel)
             return
+        node, seq, opcode = message.node, message.seq, message.opcode
         if node == self.node_id and seq is not None:
             if opcode is None:
                 self._synced(seq)
             else:
                 self._deliver_own(seq)  # dropped if already delivered (a retry, or a fallback)
         elif opcode is not None and (seq is None or self._first_time(node, seq)):
-            self._hub.broadcast(encode(opcode, payload))
+            room = self._rooms.default if message.room is None else self._rooms.get(message.room)
+            if room is not None:  # a room no client of this node is in
+                room.broadcast(encode(opcode, message.payload))
 
     def _synced(self, sync: int) -> None:
         """Our sync came back: Redis answers, and what it took before the sync is in."""

@@ -4,8 +4,35 @@ The reader is gorilla's readPump: the only thread that reads this socket and
 feeds ``ServerProtocol``. Other threads (the ticker's keepalive, eviction,
 shutdown) may also ask the protocol to send a ping or a close; ``lock``
 serialises all use of the protocol object and keeps its output in order in
-the outbox. Data frames to the client never pass through the protocol: the
-hub shares one encoded frame among all clients.
+the outbox. Data frames to the client never pass through the protocol: a
+room shares one encoded frame among all its members.
+
+The connection owns its fields; the application gets only the ``Member``
+port (net/app.py) and keeps its own state in ``session``.
+
+Field           | threads that touch it                             | lock
+----------------|---------------------------------------------------|------------------------------
+protocol        | reader; ticker (ping, fail); any (close, evict)   | lock; but the reader reads its own
+                |                                                   | parse buffer's size (_hold) outside
+outbox          | reader, ticker, rooms' publishers, writer         | outbox.lock; put_control (protocol
+                |                                                   | output) also under lock, put not
+joined          | reader writes; ticker reads                       | lock for writes; the ticker's
+                |                                                   | unlocked read is at most a tick stale
+session, label  | reader writes once, before the member is shared;  | lock (written once)
+                | any reads after                                   |
+why             | reader, ticker, shutdown, evicting publishers     | lock for writes; a read without it
+                |                                                   | sees one whole string or another
+_ping           | reader (pong) and ticker (ping) write             | lock for writes; the ticker's
+                |                                                   | unlocked read is at most a tick stale
+_ping_at        | ticker                                            | lock (written with _ping)
+_close_by       | reader, ticker, shutdown write; ticker reads      | lock for writes; as _ping for reads
+_response       | reader writes; accept() (inside app.opened) reads | lock
+_partial, _opcode, _held, _unechoed, _bucket | reader only          | none
+
+Lock order, outermost first: ``conn.lock`` -> the room's lock -> ``outbox.lock``
+-> the TLS lock; ``conn.lock`` -> the listener's lock. No code takes an
+outer lock while holding an inner one: a room evicts its slow members after
+releasing its lock, because eviction takes ``conn.lock``.
 """
 
 from __future__ import annotations
@@ -18,12 +45,16 @@ import time
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, SEND_EOF
 
-from .handshake import Refused
-from .limits import TokenBucket, give_back_memory
+from .app import Refused, request_target
+from .http import refusal, respond
+from .limits import LIMITS_HEADER, TokenBucket, give_back_memory
 from .outbox import Outbox
 from .protocol import BroadcastProtocol
+from .transport import Transport
 
-log = logging.getLogger("broadcast.server")
+log = logging.getLogger(__name__)
+# websockets' own log of each connection; quieter than ours (see server.main).
+WIRE_LOG = logging.getLogger(__name__ + ".wire")
 
 _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
     Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG, Opcode.CLOSE)
@@ -47,29 +78,40 @@ TRIM_AFTER_BYTES = 64 * 1024
 
 
 class Connection:
-    def __init__(self, server, transport, ip: str, peer: str) -> None:
-        config = server.config
-        self.server = server
+    """One client; implements the ``Member`` port (net/app.py) for the rooms it joins."""
+
+    def __init__(self, listener, id: int, transport: Transport, ip: str, peer: str) -> None:
+        config = listener.config
+        self._listener = listener  # the owner of the connection set, limits and budget
+        self._app = listener.app
+        self.id = id
         self.transport = transport
         self.ip = ip
         self.peer = peer
         self.lock = threading.Lock()
         self.protocol = BroadcastProtocol(
-            origins=server.origins,
+            origins=listener.origins,
             max_size=config.max_message_size or None,
-            logger=server.wire_log,
+            logger=WIRE_LOG,
         )
-        self.outbox = Outbox(transport, server.writers.pick(), config.send_queue_bytes)
-        self.username: str | None = None
-        self.prefix = b""  # "[NAME] ", what the server puts before a named client's text
+        self.outbox = outbox = Outbox(transport, listener.writers.pick(), config.send_queue_bytes)
+        # The port's queries are the outbox's bound methods: a fan-out costs
+        # one call per member, as when rooms reached into the outbox.
+        self.send = outbox.put
+        self.behind = outbox.over
+        self.wait_sent = outbox.wait
+        self.stalled = outbox.stalled
+        self.session: object = None  # the application's, from its Admit
+        self.label = f"anonymous@{peer}"  # for log lines; the application names it at admission
         self.joined = False
+        self._response: list[bytes] = []  # the 101, until accept() queues it
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self.why = CONNECTION_LOST  # for the disconnect log line
         # Message being reassembled from fragments (already checked by the
         # protocol), in one buffer: a list of parts costs ~70 bytes a fragment.
         self._partial = bytearray()
         self._opcode = None
-        self._held = 0  # bytes of unfinished messages counted in server.partial_budget
+        self._held = 0  # bytes of unfinished messages counted in the listener's budget
         # The bus's handle on this client's last message while it may still
         # be on its way back to the client (round Redis); see _settle.
         self._unechoed = None
@@ -100,7 +142,7 @@ class Connection:
             # last message) goes out before the socket does, within bounds.
             self.outbox.drain(CLOSE_TIMEOUT_S)
             self.outbox.release()
-            self.server.forget(self)
+            self._listener.forget(self)
 
     def _open(self) -> list[Frame] | None:
         """Run the opening handshake under the open timeout.
@@ -108,7 +150,7 @@ class Connection:
         Returns the frames a hasty client sent right behind its request
         (they are parsed with it), or None if the connection did not open.
         """
-        open_timeout = self.server.config.open_timeout
+        open_timeout = self._listener.config.open_timeout
         deadline = time.monotonic() + open_timeout if open_timeout else None
         if not self.transport.handshake(deadline):
             log.info("refused %s: TLS handshake failed or timed out", self.peer)
@@ -135,7 +177,7 @@ class Connection:
                     break
         if request is not None:
             with self.lock:
-                response = self.server.admit(self, request)
+                response = self._answer_locked(request)
                 self.protocol.send_response(response)
                 if response.status_code == 101:
                     early = self._early_frames_locked()
@@ -143,12 +185,41 @@ class Connection:
                     self._push_locked()
             if response.status_code == 101 and self.joined:
                 self.transport.set_deadline(None)
-                self.server.announce(self)
+                self._app.ready(self)
                 return early
         # Refused: keep reading until the client hangs up, so that it gets
         # the response rather than a reset; the open timeout bounds this.
         self._read_loop()
         return None
+
+    def _answer_locked(self, request):
+        """Answer the opening handshake: a plain HTTP route, a refusal, or the 101."""
+        assert self.lock.locked()
+        protocol = self.protocol
+        try:
+            target = request_target(request.path, request.headers)
+            route = self._listener.routes.get(target.path)
+            if route is not None:
+                return respond(route(request))
+            verdict = self._app.admit(request, self.peer)
+            if isinstance(verdict, Refused):
+                raise verdict
+            self._listener.check_capacity(self)
+        except Refused as refused:
+            log.info("refused %s: %d %s", self.peer, refused.status, refused.reason)
+            return refusal(refused)
+        response = protocol.accept(request)
+        if response.status_code == 101:
+            response.headers[LIMITS_HEADER] = self._listener.limits
+            for name, value in verdict.headers:
+                response.headers[name] = value
+            self.session = verdict.session
+            self.label = verdict.label
+        else:
+            # The library's reason names the header at fault and its value:
+            # for a refused Origin, the origin itself.
+            log.info("refused %s: %d %s", self.peer, response.status_code, protocol.handshake_exc)
+        return response
 
     def _early_frames_locked(self) -> list[Frame]:
         """Parse what came right behind the request, and join unless it failed the connection.
@@ -167,10 +238,20 @@ class Connection:
             self.outbox.put_control(response, closing=True)
             self._push_locked()
             return []
-        # Joined in the same step as the 101 is queued: nothing broadcast
-        # after the client sees 101 can pass it by.
-        self.server.arrive(self, response)
+        # Joined in the same step as the 101 is queued (accept(), called by
+        # the room under its lock): nothing broadcast after the client sees
+        # 101 can pass it by.
+        self.joined = True
+        self._listener.opened(self)
+        self._response = response
+        self._app.opened(self)
         return early
+
+    def accept(self) -> None:
+        """Queue the 101; the room calls it under its lock, inside app.opened, inside ``lock``."""
+        assert self.lock.locked()
+        self.outbox.put_control(self._response, closing=False)
+        self._response = []
 
     def _refuse_malformed_locked(self) -> None:
         """The parser gave up on the request; say why, to the log and to the client."""
@@ -179,12 +260,13 @@ class Connection:
         log.info("refused %s: malformed request: %s", self.peer, problem.__cause__ or problem)
         writes = self.protocol.data_to_send()
         if writes == [SEND_EOF]:  # no response, unlike a too-long line's 414 or 431
-            writes.insert(0, self.protocol.reject(400, "malformed HTTP request\n").serialize())
+            writes.insert(0, refusal(Refused(400, "malformed HTTP request")).serialize())
         self.outbox.put_control(writes, closing=True)
         self._push_locked()  # nothing left to move: it sets the close deadline
 
-    def _refuse_locked(self, refusal: Refused) -> None:
-        self.protocol.send_response(self.protocol.reject(refusal.status, refusal.reason + "\n"))
+    def _refuse_locked(self, refused: Refused) -> None:
+        assert self.lock.locked()
+        self.protocol.send_response(refusal(refused))
         self._push_locked()
 
     def _read_loop(self) -> None:
@@ -202,7 +284,8 @@ class Connection:
             self._hold(len(self._partial) + len(protocol.reader.buffer))
             if owed:
                 self._settle()  # they follow the sender's own last message
-            self.server.hub.wait_writers(self)
+            if self.session is not None:  # the application's backpressure is for whom it admitted
+                self._app.wait_writers(self)
             with self.lock:
                 # After relaying: a message that came with a close frame is
                 # echoed to its sender before the close is answered.
@@ -230,10 +313,10 @@ class Connection:
 
         Round Redis, the echo comes back on another thread; what the
         protocol answers next (a pong, the close reply) must follow it,
-        and a client leaving the hub would miss it.
+        and a client leaving its room would miss it.
         """
         if self._unechoed is not None:
-            self.server.bus.settle(self._unechoed)
+            self._app.settle(self._unechoed)
             self._unechoed = None
 
     def _on_frame(self, frame: Frame) -> bool:
@@ -251,11 +334,13 @@ class Connection:
                 self._partial = bytearray()
                 return self._deliver(self._opcode, payload)
         elif opcode is _PONG:
-            if frame.data == self._ping:
-                self._ping = None
+            with self.lock:
+                if frame.data == self._ping:
+                    self._ping = None
         elif opcode is _CLOSE:
-            if self.protocol.close_rcvd_then_sent:
-                self.why = f"closed by client: {self.protocol.close_rcvd}"
+            with self.lock:
+                if self.protocol.close_rcvd_then_sent:
+                    self.why = f"closed by client: {self.protocol.close_rcvd}"
             self._settle()
             self._leave()  # before the close is answered: once it is, the client is gone
         return True
@@ -269,7 +354,7 @@ class Connection:
                 # The library's parser closed on its own (1002, 1007, 1009).
                 self.why = f"closed by server: {sent}"
         if joined:
-            self.server.depart(self)
+            self._app.closed(self, self.why)
 
     def _hold(self, held: int) -> None:
         """Count what this connection holds of unfinished messages in the server's budget.
@@ -279,7 +364,7 @@ class Connection:
         """
         if held == self._held:
             return
-        budget = self.server.partial_budget
+        budget = self._listener.budget
         if budget.take(held - self._held):
             self._held = held
             return
@@ -298,13 +383,14 @@ class Connection:
         if self._bucket is not None and not self._bucket.take():
             self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return False
-        self._unechoed = self.server.relay(self, opcode, payload)
+        self._unechoed = self._app.message(self, opcode, payload)
         return True
 
     # Any thread.
 
     def _push_locked(self) -> None:
         """Move protocol output to the outbox, in order; caller holds ``lock``."""
+        assert self.lock.locked()
         protocol = self.protocol
         writes = protocol.data_to_send()
         if writes and not self.outbox.put_control(writes, closing=protocol.state is not OPEN):
@@ -336,7 +422,7 @@ class Connection:
         self.protocol.fail(code, reason)
         self._push_locked()
 
-    def evict_slow_consumer(self) -> None:
+    def evict(self) -> None:
         """The outbox overflowed and dropped its backlog; say why and go."""
         with self.lock:
             self._evict_locked()
@@ -349,7 +435,8 @@ class Connection:
             self._close_by = grace
 
     def abort(self, why: str) -> None:
-        self.why = why
+        with self.lock:
+            self.why = why
         self.transport.abort()
 
     def drop(self, why: str) -> None:
@@ -358,7 +445,7 @@ class Connection:
         self._leave()
 
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
-        """Enforce deadlines; called by the server's ticker thread."""
+        """Enforce deadlines; called by the ticker thread."""
         if self._close_by is not None:
             if now >= self._close_by:
                 self.abort(self.why)
@@ -367,7 +454,8 @@ class Connection:
         if write_timeout and blocked_since is not None and now - blocked_since > write_timeout:
             log.warning("dropping %s: nothing written for %.1f s", self.label, now - blocked_since)
             self.abort("write timeout")
-            self._close_by = now  # dropped once: later ticks only repeat the abort
+            with self.lock:
+                self._close_by = now  # dropped once: later ticks only repeat the abort
             return
         if not ping_interval or not self.joined:
             return
@@ -380,11 +468,8 @@ class Connection:
                         self.protocol.send_ping(self._ping)
                         self._push_locked()
         elif ping_timeout and now - self._ping_at > ping_timeout:
-            self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-            # The peer is presumably gone: give the writer one tick to put the
-            # close frame on the wire, then hang up without waiting for an answer.
-            self._close_by = now
-
-    @property
-    def label(self) -> str:
-        return f"{self.username or 'anonymous'}@{self.peer}"
+            with self.lock:
+                self._fail_locked(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                # The peer is presumably gone: give the writer one tick to put the
+                # close frame on the wire, then hang up without waiting for an answer.
+                self._close_by = now

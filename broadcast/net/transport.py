@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Protocol
 
 # An idle reader sits in recv() holding a buffer of the size it asked for,
 # so it asks for little: 10,000 idle clients must not pin 64 KiB each.
@@ -20,6 +21,28 @@ RECV_IDLE_BYTES = 2048
 # (pings, 1-byte fragments) becomes ~150 bytes of objects per 6 bytes read:
 # at 256 KiB, 1-byte fragments held 8 MiB for 0.25 MiB of payload.
 RECV_MAX_BYTES = 16 * 1024
+
+
+class Transport(Protocol):
+    """What a connection and its outbox need of the bytes underneath; PlainTransport and TLSTransport are it.
+
+    The reader thread calls handshake, set_deadline and recv; the one
+    writer that holds the outbox calls encode, finish, send_nowait and
+    shutdown_write; any thread may abort.
+    """
+
+    peer: str
+
+    def fileno(self) -> int: ...
+    def handshake(self, deadline: float | None) -> bool: ...
+    def set_deadline(self, deadline: float | None) -> bool: ...
+    def recv(self) -> bytes: ...
+    def encode(self, data: bytes) -> bytes: ...
+    def finish(self) -> bytes: ...
+    def send_nowait(self, data: bytes | memoryview) -> int: ...
+    def shutdown_write(self) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class PlainTransport:

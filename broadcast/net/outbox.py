@@ -18,18 +18,16 @@ import socket
 import threading
 import time
 
-log = logging.getLogger("broadcast.server")
+from .app import BEHIND, EVICTED, QUEUED
+from .transport import Transport
+
+log = logging.getLogger(__name__)
 
 # What Outbox.flush tells its writer.
 FLUSHED = 0  # nothing left to send
 AGAIN = 1  # more arrived while sending: requeue behind the others, for fairness
 BLOCKED = 2  # the socket is full: wait until it is writable
 GONE = 3  # the connection is finished: forget it and close its socket
-
-# What Outbox.put tells the hub (falsy when all is well: the hub's loop tests it).
-QUEUED = 0
-BEHIND = 1  # over the bound while its socket takes data: the writers are behind, slow the publisher
-EVICTED = 2  # over the bound with its socket stuck: a slow consumer, backlog dropped
 
 # A socket that has taken nothing for this long has stopped taking data; a
 # client reading at full speed empties it within milliseconds, even when one
@@ -56,7 +54,7 @@ class Outbox:
         "drained", "caught_up",
     )
 
-    def __init__(self, transport, writer: Writer, limit: int) -> None:
+    def __init__(self, transport: Transport, writer: Writer, limit: int) -> None:
         self.transport = transport
         self.writer = writer
         self.limit = limit
@@ -83,7 +81,7 @@ class Outbox:
         socket has stalled is evicted, its backlog dropped at once so that
         it holds no memory while its close frame waits. One whose socket
         still takes data is only waiting for our writers: it keeps the
-        frame, and the hub slows the publisher.
+        frame, and the room slows the publisher.
         """
         with self.lock:
             if self.closing:

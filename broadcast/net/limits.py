@@ -11,10 +11,8 @@ import ctypes
 import threading
 import time
 
-# Handshake response headers: "max-message-size=BYTES; rate=MSGS_PER_SEC; burst=MSGS"
-# (0 means no limit), and how many are in the room, counting the one joining.
+# Handshake response header: "max-message-size=BYTES; rate=MSGS_PER_SEC; burst=MSGS" (0 means no limit).
 LIMITS_HEADER = "Broadcast-Limits"
-ONLINE_HEADER = "Broadcast-Online"
 
 
 def limits_header(max_message_size: int, rate: float, burst: int) -> str:

@@ -1,6 +1,9 @@
-"""The registry of joined clients: the one place where broadcast order is decided.
+"""Rooms of joined clients: the one place where broadcast order is decided.
 
-Every frame is appended to every client's outbox while the lock is held,
+A room owns its members: they join and leave only here, and it reaches them
+only through the engine's ``Member`` port. Every frame is appended to every
+member's outbox (``Member.send``, the outbox's own bound method) while the
+lock is held,
 so all clients see one order. Appending never blocks (it is a list append
 and, at most, a wake-up of a writer), which is what makes holding a lock
 across the whole fan-out cheap and safe. When the writers fall behind, it
@@ -13,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 
-from .outbox import EVICTED
+from ..net.app import EVICTED
+from .names import DEFAULT_ROOM
 
 # Longest a reader is held back, after one read, for clients that our
 # writers have not caught up with; past it, it reads on. A client whose
@@ -23,10 +27,11 @@ BACKPRESSURE_MAX_S = 5.0
 BACKPRESSURE_POLL_S = 0.1
 
 
-class Hub:
-    def __init__(self) -> None:
+class Room:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self._lock = threading.Lock()
-        # Joined connections in join order, as an immutable tuple so that a
+        # Members in join order, as an immutable tuple so that a
         # broadcast iterates without copying; rebuilt only on join and leave.
         self._members: tuple = ()
         # Members that went over their bound while their socket took data;
@@ -36,32 +41,32 @@ class Hub:
     def __len__(self) -> int:
         return len(self._members)
 
-    def join(self, conn, first: list[bytes]) -> int:
-        """Add ``conn``, whose outbox gets ``first`` (the 101) before any broadcast."""
+    def join(self, member) -> int:
+        """Add ``member``, whose 101 is queued (``accept``) before any broadcast can reach it."""
         with self._lock:
-            conn.outbox.put_control(first, closing=False)
-            self._members += (conn,)
+            member.accept()
+            self._members += (member,)
             return len(self._members)
 
-    def leave(self, conn) -> int:
-        """Remove ``conn`` if present; returns the new count."""
+    def leave(self, member) -> int:
+        """Remove ``member`` if present; returns the new count."""
         with self._lock:
-            self._members = tuple(m for m in self._members if m is not conn)
+            self._members = tuple(m for m in self._members if m is not member)
             return len(self._members)
 
-    def broadcast(self, frame: bytes, skip=None) -> None:
-        """Queue ``frame`` for every member but ``skip``, all in one order."""
+    def broadcast(self, frame: bytes, skip: int | None = None) -> None:
+        """Queue ``frame`` for every member but the one whose id is ``skip``, all in one order."""
         with self._lock:
             if skip is None:
-                over = [(m, s) for m in self._members if (s := m.outbox.put(frame))]
+                over = [(m, s) for m in self._members if (s := m.send(frame))]
             else:
-                over = [(m, s) for m in self._members if m is not skip and (s := m.outbox.put(frame))]
+                over = [(m, s) for m in self._members if m.id != skip and (s := m.send(frame))]
             if over:
                 self._behind += [m for m, state in over if state != EVICTED]
         # Outside the lock: eviction takes each connection's protocol lock.
-        for conn, state in over:
+        for member, state in over:
             if state == EVICTED:
-                conn.evict_slow_consumer()
+                member.evict()
 
     def wait_writers(self, reader) -> None:
         """Hold ``reader`` back until the clients our writers are behind on catch up.
@@ -70,15 +75,30 @@ class Hub:
         a client that pings without reading stops being parsed: its next
         read waits. A client that stalls meanwhile is evicted, not waited for.
         """
-        if not self._behind and not reader.outbox.over():
+        if not self._behind and not reader.behind():
             return
         with self._lock:
             behind, self._behind = self._behind, []
         deadline = time.monotonic() + BACKPRESSURE_MAX_S
-        for conn in dict.fromkeys([*behind, reader]):
-            while not conn.outbox.wait(min(BACKPRESSURE_POLL_S, deadline - time.monotonic())):
-                if conn.outbox.stalled():
-                    conn.evict_slow_consumer()
+        for member in dict.fromkeys([*behind, reader]):
+            while not member.wait_sent(min(BACKPRESSURE_POLL_S, deadline - time.monotonic())):
+                if member.stalled():
+                    member.evict()
                     break
                 if time.monotonic() >= deadline:
                     return
+
+
+class Rooms(dict):
+    """Every room by name; the home of rooms. Today only the default room exists, made at start.
+
+    A dict itself, so that the bus's lookup on every message costs no Python call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.default = self[DEFAULT_ROOM] = Room(DEFAULT_ROOM)
+
+    def online(self) -> int:
+        """Members of all rooms, for /healthz."""
+        return sum(len(room) for room in self.values())

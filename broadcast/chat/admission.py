@@ -2,7 +2,8 @@
 
 Kept free of sockets and threads so the rules can be read, and tested, as
 rules. The RFC 6455 mechanics (key, version, upgrade headers, Origin) stay
-with websockets' ``ServerProtocol.accept``.
+with websockets' ``ServerProtocol.accept``, in the engine; ``Refused`` and
+``request_target`` are the engine's boundary (net/app.py), shared by both.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import hmac
 import http
 import unicodedata
 from dataclasses import dataclass
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-WS_PATH = "/ws"  # the Go original's path
+from ..net.app import Refused, request_target
+from .names import WS_PATH
+
 MAX_NAME_CHARS = 32
 # Control, format (bidi overrides, zero-width) and line/paragraph separators
 # would let one name rewrite or hide the lines around it.
@@ -22,16 +25,6 @@ _FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 # invisible vowels): their categories (Lo, So, Mn) pass the test above, so a
 # name made of them would show as blank, like whitespace does.
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5")
-
-
-class Refused(Exception):
-    """The request is answered with ``status`` and ``reason`` instead of a WebSocket."""
-
-    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -77,21 +70,6 @@ def _authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
     if len(presented) != 1:
         return False
     return hmac.compare_digest(presented[0].encode(), token.encode())
-
-
-def request_target(path: str, headers) -> SplitResult:
-    """The parsed request target, once the request is one HTTP/1.1 can route; else Refused.
-
-    A proxy routes on Host and a browser always sends exactly one: none, or
-    two that a proxy and this server might read differently, is a 400
-    (RFC 9112 3.2).
-    """
-    if len(headers.get_all("Host")) != 1:
-        raise Refused(http.HTTPStatus.BAD_REQUEST, "exactly one Host header required")
-    try:
-        return urlsplit(path)
-    except ValueError:  # "//[" reads as an unterminated IPv6 authority
-        raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed request target") from None
 
 
 def admit(path: str, headers, policy: Policy) -> Admission:

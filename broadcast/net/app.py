@@ -1,0 +1,126 @@
+"""The boundary between the engine and the application it serves.
+
+Like websockets' ``process_request`` and ``handler``, the policy comes in as
+calls the engine makes (``Application``), and the application reaches a
+joined connection only through a narrow port (``Member``), as gorilla's hub
+reaches a client only through its send channel. Neither writes the other's
+fields: the application keeps its per-connection state in its own object
+(``Admit.session``), which the engine stores and hands back, unread.
+
+Both sides may import this module, and chat/ and bus/ import nothing else
+of net/.
+"""
+
+from __future__ import annotations
+
+import http
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import SplitResult, urlsplit
+
+# What Member.send tells a room (falsy when all is well: the room's loop tests it).
+QUEUED = 0
+BEHIND = 1  # over the bound while its socket takes data: the writers are behind, slow the publisher
+EVICTED = 2  # over the bound with its socket stuck: a slow consumer, backlog dropped
+
+
+class Refused(Exception):
+    """The request is answered with ``status`` and ``reason`` instead of a WebSocket."""
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class Admit:
+    """The application takes the connection: its state, its name in log lines, extra response headers."""
+
+    session: object
+    label: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def request_target(path: str, headers) -> SplitResult:
+    """The parsed request target, once the request is one HTTP/1.1 can route; else Refused.
+
+    A proxy routes on Host and a browser always sends exactly one: none, or
+    two that a proxy and this server might read differently, is a 400
+    (RFC 9112 3.2). Both sides route on it: the engine its plain HTTP
+    routes, the application its WebSocket paths.
+    """
+    if len(headers.get_all("Host")) != 1:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "exactly one Host header required")
+    try:
+        return urlsplit(path)
+    except ValueError:  # "//[" reads as an unterminated IPv6 authority
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed request target") from None
+
+
+class Member(Protocol):
+    """A joined connection, as a room sees it.
+
+    ``send`` is the outbox's own bound method, so that a fan-out costs one
+    call per member and frame, as it did before there was a port.
+    """
+
+    id: int  # stable for the process's life, unlike id(): what the bus names a sender by
+    ip: str
+    peer: str
+    label: str  # who it is, for log lines: the application's Admit.label once admitted
+    session: object  # the application's, from Admit
+
+    def send(self, frame: bytes) -> int:
+        """Queue one encoded data frame: QUEUED, BEHIND or EVICTED (then call ``evict``, outside locks)."""
+
+    def accept(self) -> None:
+        """Queue the handshake response; a room calls it under its lock as it adds the member."""
+
+    def evict(self) -> None:
+        """Close as a slow consumer (1008); takes the connection's lock."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start a closing handshake after the messages already queued."""
+
+    def behind(self) -> bool:
+        """Over its bound: the writers owe it more than it may be owed."""
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait until back under its bound; False on timeout."""
+
+    def stalled(self) -> bool:
+        """Its socket has taken nothing for a while: waiting on it is pointless."""
+
+
+class Application(Protocol):
+    """What the engine calls, from a connection's reader thread unless said otherwise."""
+
+    def admit(self, request, peer: str) -> Admit | Refused:
+        """Take or refuse a WebSocket request; under the connection's lock, so it must not block."""
+
+    def opened(self, member: Member) -> None:
+        """The 101 is due: join, calling ``member.accept()`` under the room's lock.
+
+        Under the connection's lock, so that nothing the engine queues
+        (an early pong, a keepalive ping) can pass the 101.
+        """
+
+    def ready(self, member: Member) -> None:
+        """Joined, outside every lock: announce, which may wait on the bus."""
+
+    def message(self, member: Member, opcode, payload: bytes) -> object | None:
+        """A whole message arrived; returns what ``settle`` takes, or None if nothing is in flight."""
+
+    def settle(self, pending: object) -> None:
+        """Return (bounded) once a message ``message`` returned for is in its sender's outbox.
+
+        What the engine sends next (a pong, the close reply) must follow it.
+        """
+
+    def wait_writers(self, member: Member) -> None:
+        """After each read: hold the reader back while the writers are behind (backpressure)."""
+
+    def closed(self, member: Member, why: str) -> None:
+        """The member left (close frame, failure, hang-up), once; ``why`` is for the log."""
