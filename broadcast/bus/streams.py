@@ -93,30 +93,27 @@ READ_MARGIN_S = 1.0
 RECONNECT_FIRST_S = 0.05
 RECONNECT_CAP_S = 1.0
 
-# KEYS: epoch, seq, stream. ARGV: a fresh epoch, max entries, version, then field, value pairs.
+# Both scripts start here. KEYS: epoch, seq, stream; ARGV[1]: a fresh epoch.
 # An epoch is made once; a room whose epoch is gone lost its data, so its SEQ starts again.
-_PUBLISH = """
+_EPOCH = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2])
 end
+"""
+# ARGV: a fresh epoch, max entries, version, then field, value pairs.
+_PUBLISH = _EPOCH + """
 local seq = redis.call('INCR', KEYS[2])
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
                       'v', ARGV[3], 'epoch', epoch, 'seq', seq, unpack(ARGV, 4))
 return {epoch, seq, id}
 """
-# KEYS: epoch, seq, stream. ARGV: a fresh epoch, how many entries at most, and
-# '' (the last ones) or a SEQ (only those after it). Newest first; the newest
-# stream id comes back even when no entry is asked for, as the reader's cursor.
-_READ = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2])
-end
+# ARGV: a fresh epoch, how many entries at most, and '' (the last ones) or a
+# SEQ (only those after it). Newest first; the newest stream id comes back
+# even when no entry is asked for, as the reader's cursor.
+_READ = _EPOCH + """
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local n = tonumber(ARGV[2])
 if ARGV[3] ~= '' then n = math.max(0, math.min(n, last - tonumber(ARGV[3]))) end
@@ -211,7 +208,7 @@ class StreamsBus:
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S, retry=no_retry,
         ))
         self._reader_client = redis.Redis.from_url(
-            url, protocol=2, socket_timeout=READ_BLOCK_MS / 1000 + READ_MARGIN_S,
+            url, protocol=2, client_name=f"broadcast-reader-{node_id}", socket_timeout=READ_BLOCK_MS / 1000 + READ_MARGIN_S,
             socket_connect_timeout=COMMAND_TIMEOUT_S, retry=no_retry,
         )
         self._publish = self._client.register_script(_PUBLISH)
