@@ -49,13 +49,18 @@ def redis_server(request, tmp_path_factory):
 class Node:
     """A StreamsBus and what its reader delivered: entries and gaps, in arrival order."""
 
-    def __init__(self, url: str, name: str, **kwargs) -> None:
+    def __init__(self, url: str, name: str, gate: threading.Event | None = None, **kwargs) -> None:
         self.events: list = []  # Entry, or ("gap", room, epoch, missed)
         self._cond = threading.Condition()
+        self.gate = gate  # when given, the reader is held on each entry until it is set
+        self.held = threading.Event()  # the reader has been held
         self.bus = streams.StreamsBus(url, name, self._entry, self._gap, **kwargs)
         self.bus.start()
 
     def _entry(self, entry) -> None:
+        if self.gate is not None and not self.gate.is_set():
+            self.held.set()
+            assert self.gate.wait(WAIT_S)
         with self._cond:
             self.events.append(entry)
             self._cond.notify_all()
@@ -240,20 +245,11 @@ def test_a_redis_that_lost_the_room_gives_a_gap_and_a_new_epoch(redis_server, no
 def test_a_reader_behind_the_streams_reach_gets_a_counted_gap(redis_server, nodes):
     redis_server.admin.config_set("stream-node-max-entries", 5)  # so that MAXLEN ~ trims finely
     release = threading.Event()
-    a = nodes("a", max_entries=10)
-    first = threading.Event()
-    entry_of = a._entry
-
-    def slow(entry):  # the node falls behind: its reader is held on the first entry
-        first.set()
-        assert release.wait(WAIT_S)
-        entry_of(entry)
-
-    a.bus._on_entry = slow
+    a = nodes("a", gate=release, max_entries=10)  # a falls behind: its reader is held on the first entry
     b = nodes("b", max_entries=10)
     a.bus.follow("room", 0)
     b.bus.publish("room", {"text": "m0"})
-    assert first.wait(WAIT_S)
+    assert a.held.wait(WAIT_S)
     publish_all(b.bus, "room", "x", 100)
     release.set()
     got = a.wait_entries(2)
