@@ -209,12 +209,16 @@ def test_catch_up_after_client_kill_while_another_node_publishes(redis_server, n
 
 
 def test_catch_up_after_a_redis_restart_that_kept_the_data(redis_server, nodes):
-    a, b = nodes("a"), nodes("b")
+    release = threading.Event()
+    a, b = nodes("a", gate=release), nodes("b")  # a is held on its first entry; 4 more follow it
     a.bus.follow("room", 0)
-    publish_all(b.bus, "room", "before", 5)
-    a.wait_entries(5)
+    b.bus.publish("room", {"text": "before0"})
+    assert a.held.wait(WAIT_S)
+    for i in range(1, 5):
+        b.bus.publish("room", {"text": f"before{i}"})
     redis_server.admin.save()  # what appendonly or RDB snapshots do in production
     redis_server.stop()
+    release.set()
     wait_until(lambda: a.bus.state == "reconnecting", "reconnecting")
     with pytest.raises(streams.Unavailable, match=r"redis redis://127\.0\.0\.1"):
         b.bus.publish("room", {"text": "refused"})
