@@ -54,7 +54,8 @@ class Node:
         self._cond = threading.Condition()
         self.gate = gate  # when given, the reader is held on each entry until it is set
         self.held = threading.Event()  # the reader has been held
-        self.bus = streams.StreamsBus(url, name, self._entry, self._gap, **kwargs)
+        self.names_lost: list[tuple[str, str]] = []
+        self.bus = streams.StreamsBus(url, name, self._entry, self._gap, on_name_lost=self._name_lost, **kwargs)
         self.bus.start()
 
     def _entry(self, entry) -> None:
@@ -69,6 +70,16 @@ class Node:
         with self._cond:
             self.events.append(("gap", room, epoch, missed))
             self._cond.notify_all()
+
+    def _name_lost(self, room, name) -> None:
+        with self._cond:
+            self.names_lost.append((room, name))
+            self._cond.notify_all()
+
+    def wait_name_lost(self) -> list:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.names_lost, WAIT_S), f"no name lost after {WAIT_S}s"
+            return self.names_lost
 
     def entries(self) -> list:
         with self._cond:
@@ -351,16 +362,26 @@ def test_a_killed_node_drops_out_of_presence_and_frees_its_names(redis_server, n
         dying.stdout.close()
 
 
-def test_names_are_unique_across_nodes_and_a_resume_takes_its_name_over(nodes):
+def test_names_are_unique_across_nodes_and_released_on_leave(nodes):
     a, b = nodes("a"), nodes("b")
     assert a.bus.claim("room", "Alice", "token-1")
     assert not b.bus.claim("room", "Alice", "token-2")
     assert b.bus.claim("other", "Alice", "token-2")  # per room
-    assert b.bus.claim("room", "Alice", "token-1")  # the session token: a resume on another node
-    b.bus.release("room", "Alice", "token-1")
-    assert a.bus.claim("room", "Alice", "token-3")
     a.bus.release("room", "Alice", "token-wrong")  # not the holder: nothing freed
-    assert not b.bus.claim("room", "Alice", "token-4")
+    assert not b.bus.claim("room", "Alice", "token-2")
+    a.bus.release("room", "Alice", "token-1")
+    assert b.bus.claim("room", "Alice", "token-2")
+
+
+def test_a_resume_on_another_node_takes_the_name_over(nodes):
+    a = nodes("a", presence_ttl_s=SHORT_TTL_S)
+    b = nodes("b", presence_ttl_s=SHORT_TTL_S)
+    assert a.bus.claim("room", "Alice", "token-1")
+    assert b.bus.claim("room", "Alice", "token-1")  # the session token: a resume on another node
+    assert a.wait_name_lost() == [("room", "Alice")]  # a's heartbeat finds it held elsewhere
+    a.bus.release("room", "Alice", "token-1")  # a's former connection closes: b's claim stays
+    assert not a.bus.claim("room", "Alice", "token-2")
+    assert b.names_lost == []
 
 
 def test_close_is_bounded_when_redis_is_frozen(redis_server):

@@ -127,14 +127,25 @@ if entries[1] then top = entries[1][1] end
 if n == 0 then entries = {} end
 return {epoch, last, top, entries}
 """
-# KEYS: the name's claim. ARGV: token, TTL ms. Claims a free name, or renews
-# (or takes over, for a resume) one held under the same token.
+# A name's claim holds "TOKEN NODE": the token lets a resume take the name
+# over from any node, the node tells the former holder it has lost it.
+# KEYS: the claim. ARGV: token, "TOKEN NODE", TTL ms. Claims a free name, or
+# takes over one held under the same token.
 _CLAIM = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# ARGV: "TOKEN NODE", TTL ms. Renews this node's claim, or makes it again if
+# Redis lost it; 0 if someone else holds the name now.
+_RENEW = """
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+# ARGV: "TOKEN NODE". A claim taken over by another node is not this node's to free.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -185,7 +196,10 @@ class StreamsBus:
     """A node's rooms on Redis Streams: publish, follow with history, recover, presence, names.
 
     ``on_entry(entry)`` and ``on_gap(room, epoch, missed)`` are called from
-    the reader thread only, in each room's order. ``missed`` is None when
+    the reader thread only, in each room's order. ``on_name_lost(room,
+    name)`` is called from the heartbeat thread when a name this node
+    claimed is held elsewhere now (a resume on another node took it over):
+    the caller closes its former connection. ``missed`` is None when
     Redis lost the room (a new epoch). ``follow`` returns what the room held
     and the reader continues right after it, so a caller that runs
     ``follow`` under its room's lock, and takes that lock in ``on_entry``,
@@ -196,7 +210,8 @@ class StreamsBus:
     """
 
     def __init__(self, url: str, node_id: str, on_entry: Callable[[Entry], None],
-                 on_gap: Callable[[str, str, int | None], None], *, prefix: str = "broadcast",
+                 on_gap: Callable[[str, str, int | None], None], *,
+                 on_name_lost: Callable[[str, str], None] = lambda room, name: None, prefix: str = "broadcast",
                  max_entries: int = MAX_ENTRIES, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.node_id = node_id
@@ -206,6 +221,7 @@ class StreamsBus:
         self._heartbeat_s = presence_ttl_s / 3  # see PRESENCE_TTL_S
         self._on_entry = on_entry
         self._on_gap = on_gap
+        self._on_name_lost = on_name_lost
         no_retry = Retry(NoBackoff(), 0)  # a retried publish could append twice; we own retrying
         self._client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             url, max_connections=CONNECTIONS, timeout=COMMAND_TIMEOUT_S, protocol=2,
@@ -218,6 +234,7 @@ class StreamsBus:
         self._publish = self._client.register_script(_PUBLISH)
         self._read = self._client.register_script(_READ)
         self._claim = self._client.register_script(_CLAIM)
+        self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)
         # _lock guards _cursors, _presence, _claims and _unknown_versions; never held over a callback.
         self._lock = threading.Lock()
@@ -278,7 +295,8 @@ class StreamsBus:
                 for room in rooms:
                     pipe.srem(self._room_key(room, "nodes"), self.node_id)
                 for (room, name), token in claims:
-                    self._release(keys=[self._room_key(room, f"name:{name}")], args=[token], client=pipe)
+                    self._release(keys=[self._room_key(room, f"name:{name}")], args=[self._holder(token)],
+                                  client=pipe)
                 pipe.execute()
             except redis.RedisError as exc:
                 log.info("redis %s: presence not cleared at close (%s); it expires within %.0f s",
@@ -457,22 +475,30 @@ class StreamsBus:
         Redis does not answer.
         """
         held = self._call(self._claim, keys=[self._room_key(room, f"name:{name}")],
-                          args=[token, self.presence_ttl_ms])
+                          args=[token, self._holder(token), self.presence_ttl_ms])
         if held:
             with self._lock:
                 self._claims[(room, name)] = token
         return bool(held)
 
     def release(self, room: str, name: str, token: str) -> None:
-        """Free ``name`` if ``token`` still holds it (a resume elsewhere may have taken it over)."""
+        """Free ``name`` if this node still holds it under ``token`` (a resume elsewhere may have taken it).
+
+        Call it when the name leaves the room on this node, not when a
+        connection replaced by a resume on this node closes: the claim is
+        the resumed one's now.
+        """
         with self._lock:
             if self._claims.get((room, name)) == token:
                 del self._claims[(room, name)]
         try:
-            self._release(keys=[self._room_key(room, f"name:{name}")], args=[token])
+            self._release(keys=[self._room_key(room, f"name:{name}")], args=[self._holder(token)])
         except redis.RedisError as exc:
             log.debug("name claim not released now (%s); it expires within %.0f s", exc,
                       self.presence_ttl_ms / 1000)
+
+    def _holder(self, token: str) -> str:
+        return f"{token} {self.node_id}"
 
     # Heartbeat thread.
 
@@ -486,8 +512,8 @@ class StreamsBus:
                 pipe.set(self._room_key(room, f"presence:{self.node_id}"), value, px=self.presence_ttl_ms)
                 pipe.sadd(self._room_key(room, "nodes"), self.node_id)
             for (room, name), token in claims:
-                self._claim(keys=[self._room_key(room, f"name:{name}")], args=[token, self.presence_ttl_ms],
-                            client=pipe)
+                self._renew(keys=[self._room_key(room, f"name:{name}")],
+                            args=[self._holder(token), self.presence_ttl_ms], client=pipe)
             try:
                 renewed = pipe.execute()[1 + 2 * len(presence):]
             except redis.RedisError as exc:
@@ -495,10 +521,13 @@ class StreamsBus:
                 continue
             for ((room, name), token), held in zip(claims, renewed):
                 if not held:
-                    log.warning("name %s in room %s was claimed elsewhere while Redis had lost it", name, room)
                     with self._lock:
-                        if self._claims.get((room, name)) == token:
+                        lost = self._claims.get((room, name)) == token
+                        if lost:
                             del self._claims[(room, name)]
+                    if lost:
+                        log.info("name %s in room %s is held elsewhere now", name, room)
+                        self._on_name_lost(room, name)
 
 
 def _pairs(fields) -> dict[bytes, bytes]:
