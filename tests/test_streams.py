@@ -233,7 +233,10 @@ def test_catch_up_after_a_redis_restart_that_kept_the_data(redis_server, nodes):
     wait_until(lambda: a.bus.state == "reconnecting", "reconnecting")
     with pytest.raises(streams.Unavailable, match=r"redis redis://127\.0\.0\.1"):
         b.bus.publish("room", {"text": "refused"})
+    with pytest.raises(streams.Unavailable):
+        b.bus.check()
     redis_server.start()
+    b.bus.check()
     publish_all(b.bus, "room", "after", 5)  # before a has reconnected, or after: both must hold
     got = a.wait_entries(10)
     assert texts(got) == [f"before{i}".encode() for i in range(5)] + [f"after{i}".encode() for i in range(5)]
@@ -393,3 +396,23 @@ def test_close_is_bounded_when_redis_is_frozen(redis_server):
     closing.start()
     closing.join(WAIT_S)
     assert not closing.is_alive(), "close() waited on a frozen Redis past its deadline"
+
+
+def test_the_redis_password_reaches_no_error_and_no_log_line(redis_server, caplog):
+    secret = "s3cret-pw"
+    redis_server.admin.config_set("requirepass", secret)  # gone at the restart below
+    node = Node(f"redis://:{secret}@{redis_server.host}:{redis_server.port}/0", "a")
+    try:
+        with caplog.at_level(logging.DEBUG):
+            node.bus.follow("room", 0)
+            node.bus.publish("room", {"text": "hi"})
+            node.wait_entries(1)
+            redis_server.crash()
+            wait_until(lambda: node.bus.state == "reconnecting", "reconnecting")
+            with pytest.raises(streams.Unavailable) as refused:
+                node.bus.publish("room", {"text": "refused"})
+        assert "***" in str(refused.value) and secret not in str(refused.value)
+        assert "unreachable" in caplog.text and secret not in caplog.text
+    finally:
+        node.close()
+        redis_server.start()
