@@ -303,6 +303,7 @@ def test_an_unknown_envelope_version_is_skipped_and_logged_once(redis_server, no
     for _ in range(2):  # what a newer node writes: the same counter, a version this one does not speak
         seq = admin.incr("broadcast:room:room:seq")
         admin.xadd("broadcast:room:room:stream", {"v": "99", "epoch": history.epoch, "seq": seq, "x": "?"})
+    admin.xadd("broadcast:room:room:stream", {"v": "1", "text": "no id"})  # not a message: no SEQ taken
     with caplog.at_level(logging.WARNING):
         b.bus.publish("room", {"text": "after"})
         got = a.wait_entries(1)
@@ -310,6 +311,7 @@ def test_an_unknown_envelope_version_is_skipped_and_logged_once(redis_server, no
     assert a.gaps() == []  # the skipped entries were messages, not losses
     warnings = [r.getMessage() for r in caplog.records if "envelope version" in r.getMessage()]
     assert len(warnings) == 1 and "99" in warnings[0]
+    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) == 1
 
 
 def test_presence_merges_the_live_nodes(nodes):

@@ -196,11 +196,11 @@ class StreamsBus:
     """A node's rooms on Redis Streams: publish, follow with history, recover, presence, names.
 
     ``on_entry(entry)`` and ``on_gap(room, epoch, missed)`` are called from
-    the reader thread only, in each room's order. ``on_name_lost(room,
-    name)`` is called from the heartbeat thread when a name this node
-    claimed is held elsewhere now (a resume on another node took it over):
-    the caller closes its former connection. ``missed`` is None when
-    Redis lost the room (a new epoch). ``follow`` returns what the room held
+    the reader thread only, in each room's order; ``missed`` is None when
+    Redis lost the room (a new epoch). ``on_name_lost(room, name)`` is
+    called from the heartbeat thread when a name this node claimed is held
+    elsewhere now (a resume on another node took it over): the caller closes
+    its former connection. ``follow`` returns what the room held
     and the reader continues right after it, so a caller that runs
     ``follow`` under its room's lock, and takes that lock in ``on_entry``,
     gives its history then live with no gap and no duplicate. After an
@@ -228,20 +228,21 @@ class StreamsBus:
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S, retry=no_retry,
         ))
         self._reader_client = redis.Redis.from_url(
-            url, protocol=2, client_name=f"broadcast-reader-{node_id}", socket_timeout=READ_BLOCK_MS / 1000 + READ_MARGIN_S,
-            socket_connect_timeout=COMMAND_TIMEOUT_S, retry=no_retry,
+            url, protocol=2, client_name=f"broadcast-reader-{node_id}",  # for CLIENT LIST and CLIENT KILL
+            socket_timeout=READ_BLOCK_MS / 1000 + READ_MARGIN_S, socket_connect_timeout=COMMAND_TIMEOUT_S,
+            retry=no_retry,
         )
         self._publish = self._client.register_script(_PUBLISH)
         self._read = self._client.register_script(_READ)
         self._claim = self._client.register_script(_CLAIM)
         self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)
-        # _lock guards _cursors, _presence, _claims and _unknown_versions; never held over a callback.
+        # _lock guards _cursors, _presence, _claims and _skipped; never held over a callback.
         self._lock = threading.Lock()
         self._cursors: dict[str, _Cursor] = {}
         self._presence: dict[str, bytes] = {}  # room -> this node's members, as written
         self._claims: dict[tuple[str, str], str] = {}  # (room, name) -> token
-        self._unknown_versions: set[bytes | None] = set()  # each logged once
+        self._skipped: set[str] = set()  # what _decode skipped, each logged once
         self._reading = False  # the last XREAD answered (reader thread writes it)
         self._failures = 0  # failed reads in the current outage (reader thread only)
         self._backoff = ExponentialBackoff(cap=RECONNECT_CAP_S, base=RECONNECT_FIRST_S)
@@ -358,18 +359,23 @@ class StreamsBus:
         return Replay(epoch, last, entries, 0), top
 
     def _decode(self, room: str, fields: dict[bytes, bytes]) -> Entry | None:
-        """The entry, or None for an envelope version this node does not speak (logged once)."""
+        """The entry, or None for an envelope this node does not speak (each version logged once)."""
         version = fields.get(b"v")
-        if version != str(ENVELOPE_VERSION).encode():
-            with self._lock:
-                first = version not in self._unknown_versions
-                self._unknown_versions.add(version)
-            if first:
-                log.warning("skipping stream entries of envelope version %r (this node speaks %d); "
-                            "upgrade this node", version, ENVELOPE_VERSION)
-            return None
-        own = {k.decode(): v for k, v in fields.items() if k not in _OWN}
-        return Entry(room, MessageId(fields[b"epoch"].decode(), int(fields[b"seq"])), own)
+        if version == str(ENVELOPE_VERSION).encode():
+            try:
+                own = {k.decode(): v for k, v in fields.items() if k not in _OWN}
+                return Entry(room, MessageId(fields[b"epoch"].decode(), int(fields[b"seq"])), own)
+            except (KeyError, ValueError):  # UnicodeDecodeError is one
+                problem = "malformed entries"
+        else:
+            problem = f"entries of envelope version {version!r}"
+        with self._lock:
+            first = problem not in self._skipped
+            self._skipped.add(problem)
+        if first:
+            log.warning("skipping stream %s (this node speaks version %d); upgrade this node if newer",
+                        problem, ENVELOPE_VERSION)
+        return None
 
     # Reader thread.
 
@@ -403,7 +409,10 @@ class StreamsBus:
                     with self._lock:
                         if self._cursors.get(room) is not cursor:
                             break  # unfollowed meanwhile
-                    self._deliver(room, cursor, stream_id, _pairs(fields))
+                    try:
+                        self._deliver(room, cursor, stream_id, _pairs(fields))
+                    except Exception:  # the caller's callback failed: the room goes on
+                        log.exception("delivering an entry of room %s failed", room)
 
     def _deliver(self, room: str, cursor: _Cursor, stream_id: bytes, fields: dict[bytes, bytes]) -> None:
         cursor.stream_id = stream_id
