@@ -88,7 +88,7 @@ def test_a_message_is_one_json_header_line_then_the_payload_exactly():
     (Opcode.BINARY, bytes(range(256)), "zimmer ü"),
     (Opcode.TEXT, b"", ""),
     (Opcode.TEXT, b"a\nb\n\n", "a\nroom"),  # newlines in the payload and the room: the header is still one line
-])
+], ids=["text", "every byte", "empty", "newlines"])
 def test_what_is_encoded_decodes_to_the_same_message(opcode, payload, room):
     data = envelope.encode("nodeA", 42, room, opcode, payload)
     assert envelope.decode(data) == Envelope("nodeA", 42, opcode, room, payload)
