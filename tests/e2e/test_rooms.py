@@ -83,6 +83,14 @@ class Publisher(threading.Thread):
         self.ws.close()
 
 
+def publishing(server, path: str, ws) -> tuple[Publisher, list[dict]]:
+    """Start a publisher into the room ``ws`` joined; return once ``ws`` has seen its first FIRST messages."""
+    objects(ws, 1)  # its presence
+    publisher = Publisher(server, path)
+    publisher.start()
+    return publisher, objects(ws, FIRST)
+
+
 def live_until(ws, got: list[dict], publisher: Publisher) -> list[dict]:
     """Read a few live messages, stop the publisher, then read on to its last message."""
     while sum(obj["kind"] == "message" for obj in got) < LIVE_BEFORE_STOP:
@@ -212,12 +220,8 @@ def test_a_bad_request_gets_an_error_object_and_the_client_stays(server):
 def test_a_late_joiner_gets_the_history_then_live_with_nothing_missing_or_doubled(start_server):
     server = start_server(*BIG_HISTORY)
     with structured(server, "/ws/busy", "early") as early:
-        objects(early, 1)
-        publisher = Publisher(server, "/ws/busy")
-        publisher.start()
-        while json.loads(recv(early, WAIT)).get("text") != f"m{FIRST}":  # join mid-stream
-            pass
-        with structured(server, "/ws/busy", "late") as late:
+        publisher, _ = publishing(server, "/ws/busy", early)
+        with structured(server, "/ws/busy", "late") as late:  # mid-stream
             got = until(late, "presence")
             replayed = len(got) - 1
             said = live_until(late, got, publisher)
@@ -234,12 +238,7 @@ def test_a_late_joiner_gets_the_history_then_live_with_nothing_missing_or_double
 def test_recovery_after_a_connection_is_cut_mid_stream_gives_every_message_once_in_order(start_server):
     server = start_server(*BIG_HISTORY)
     with structured(server, "/ws/flow", "cut") as first:
-        objects(first, 1)
-        publisher = Publisher(server, "/ws/flow")
-        publisher.start()
-        seen = []
-        while len(seen) < FIRST:
-            seen.append(json.loads(recv(first, WAIT)))
+        publisher, seen = publishing(server, "/ws/flow", first)
         first.socket.shutdown(socket.SHUT_RDWR)  # cut: no close frame, mid-stream
     wait_connections(server, 1)  # only the publisher is left
     with structured(server, f"/ws/flow?username=cut&since={seen[-1]['id']}") as again:
