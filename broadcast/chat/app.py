@@ -20,7 +20,7 @@ from websockets.frames import Opcode
 
 from ..net.app import Admit, Member, Refused, request_target
 from . import admission, structured
-from .ids import MessageId
+from ..ids import MessageId
 from .presence import REPLACED_CODE, REPLACED_REASON, NameTaken
 from .rooms import JOIN, LEAVE, Room, Rooms, prefix, text_frame
 
