@@ -22,14 +22,17 @@ import sys
 import threading
 import time
 import uuid
+from urllib.parse import parse_qs
 
-from . import logs
+from . import __version__, logs
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
 from .chat.app import ChatApp
 from .chat.rooms import Rooms
 from .config import ServerConfig, parse_server_args
+from .metrics import CONTENT_TYPE, Metrics
+from .net.app import Refused, request_target
 from .net.connection import WIRE_LOG
 from .net.http import Reply
 from .net.listener import Listener
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 THREAD_STACK_BYTES = 256 * 1024
 # Load balancers' health check, on the WebSocket port.
 HEALTH_PATH = "/healthz"
+# Prometheus's default scrape path, on the WebSocket port unless --metrics-port moves it.
+METRICS_PATH = "/metrics"
 
 
 class Server:
@@ -50,13 +55,19 @@ class Server:
         self.config = config
         tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.node_id = uuid.uuid4().hex[:12]
+        self.metrics = Metrics(__version__, self.node_id)
         self.rooms = Rooms()
         if config.redis_url:
-            self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id)
+            self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
+                                self.metrics.redis_publish_seconds)
         else:
             self.bus = LocalBus(self.rooms)
         app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
-        self.listener = Listener(config, app, {HEALTH_PATH: self._health}, tls)
+        routes = {HEALTH_PATH: self._health}
+        if not config.no_metrics and config.metrics_port is None:
+            routes[METRICS_PATH] = self._metrics
+        self.listener = Listener(config, app, routes, tls, self.metrics)
+        self.metrics.watch(self.listener.traffic, lambda: len(self.rooms), lambda: self.bus.state)
 
     def _health(self, request) -> Reply:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
@@ -65,6 +76,15 @@ class Server:
         healthy = state in ("ok", "off") and not self.listener.full()
         return Reply(200 if healthy else 503, "application/json", (json.dumps(body) + "\n").encode())
 
+    def _metrics(self, request) -> Reply:
+        """Prometheus text; behind --token as the WebSocket is, since it tells who is busy and how much."""
+        token = self.config.token
+        if token is not None:
+            query = parse_qs(request_target(request.path, request.headers).query)
+            if not admission.authorized(token, request.headers, query):
+                raise Refused(401, "missing or invalid token", (("WWW-Authenticate", 'Bearer realm="broadcast"'),))
+        return Reply(200, CONTENT_TYPE, self.metrics.render())
+
     def listen(self) -> None:
         """Bind and listen, and say where; raises OSError (port in use, bad host)."""
         listener = self.listener
@@ -72,8 +92,27 @@ class Server:
         host, port = listener.address
         bound = f"[{host}]" if listener.ipv6 else host
         url = f"{'wss' if listener.tls else 'ws'}://{bound}:{port}{admission.WS_PATH}"
-        log.info("listening on %s", url)
+        log.info("listening on %s", url, extra={"event": "listening", "url": url})
         self._log_exposure(url)
+
+    def serve_metrics(self) -> None:
+        """Say where /metrics is, after ``listen``; start its own listener if it has one (raises OSError)."""
+        c = self.config
+        if c.no_metrics:
+            log.info("metrics: off")
+            return
+        if c.metrics_port is None:
+            host, port = self.listener.address
+            bound = f"[{host}]" if self.listener.ipv6 else host
+            url = f"{'https' if self.listener.tls else 'http'}://{bound}:{port}{METRICS_PATH}"
+            log.info("metrics on %s, token %s", url, "on" if c.token else "off",
+                     extra={"event": "metrics", "url": url})
+            return
+        host, port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{METRICS_PATH}"
+        log.info("metrics on %s, no token", url, extra={"event": "metrics", "url": url})
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("the metrics listener answers anyone who reaches %s: keep it off the public network", url)
 
     def _log_exposure(self, url: str) -> None:
         """Say in one line who can reach this node, and warn when that is anyone, in clear."""
@@ -106,7 +145,7 @@ def _raise_open_file_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_server_args(argv)
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     # websockets logs every open and close at INFO; ours already does, once.
     WIRE_LOG.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     for warning in config.config_warnings:
@@ -146,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         server.listen()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+    try:
+        server.serve_metrics()
+    except OSError as exc:
+        log.error("cannot listen for metrics on %s:%d: %s", config.metrics_host, config.metrics_port,
+                  exc.strerror or exc)
         return 1
 
     server.start()

@@ -63,7 +63,7 @@ def _bearer(value: str) -> str | None:
     return credentials.strip(" ") if scheme.lower() == "bearer" else None
 
 
-def _authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
+def authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
     """A bearer header or ``?token=``, compared in constant time."""
     presented = [c for c in map(_bearer, headers.get_all("Authorization")) if c is not None]
     presented += query.get("token", [])
@@ -82,7 +82,7 @@ def admit(path: str, headers, policy: Policy) -> Admission:
                          errors="strict", max_num_fields=16)
     except (ValueError, UnicodeDecodeError):
         raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed query string") from None
-    if policy.token is not None and not _authorized(policy.token, headers, query):
+    if policy.token is not None and not authorized(policy.token, headers, query):
         raise Refused(http.HTTPStatus.UNAUTHORIZED, "missing or invalid token",
                       (("WWW-Authenticate", 'Bearer realm="broadcast"'),))
     names = query.get("username")

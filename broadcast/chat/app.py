@@ -50,7 +50,9 @@ class ChatApp:
 
     def opened(self, member: Member) -> None:
         online = member.session.room.join(member)
-        log.info("connect %s (%d online)", member.label, online)
+        log.info("connect %s (%d online)", member.label, online,
+                 extra={"event": "connect", "peer": member.peer, "user": member.session.username,
+                        "room": member.session.room.name, "online": online})
 
     def ready(self, member: Member) -> None:
         session = member.session
@@ -74,6 +76,9 @@ class ChatApp:
     def closed(self, member: Member, why: str) -> None:
         session = member.session
         online = session.room.leave(member)
-        log.info("disconnect %s: %s (%d online)", member.label, why, online)
+        log.info("disconnect %s: %s (%d online)", member.label, why, online,
+                 extra={"event": "disconnect", "peer": member.peer, "user": session.username,
+                        "room": session.room.name, "code": int(member.close_code),
+                        "reason": member.close_class, "online": online})
         if session.username:
             self.bus.publish(session.room.name, Opcode.TEXT, f"* {session.username} left".encode())
