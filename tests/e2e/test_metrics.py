@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from e2e.test_redis import redis_factory, redis_server  # noqa: F401 - fixtures
 from support.process import SERVER, run
+from support.redis import wait_health
 from support.wsclients import recv, ws_connect
 
 WAIT = 5.0  # seconds for any single expected event
@@ -55,6 +58,18 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def wait_metrics(url: str, ready, what: str) -> dict[tuple[str, frozenset], float]:
+    """Scrape until ``ready(samples)``: a state the server reaches a moment after the event we saw."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        samples = scrape(url)
+        if ready(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {WAIT}s: {samples}")
+        time.sleep(0.05)
+
+
 def metrics_url(server) -> str:
     return server.wait_for_log(METRICS_URL, WAIT).group(1)
 
@@ -79,7 +94,8 @@ def test_values_move_with_traffic(start_server, where):
             clients[0].send(TEXT)
         for ws in clients:
             assert [recv(ws, WAIT) for _ in range(MESSAGES)] == [TEXT] * MESSAGES
-        after = scrape(url)
+        # Sent, but the writer marks it so a moment after the socket took it.
+        after = wait_metrics(url, lambda s: value(s, "broadcast_queued_bytes") == 0, "all sent")
         assert value(after, "broadcast_connections") == CLIENTS
         assert value(after, "broadcast_messages_received_total") - \
             value(before, "broadcast_messages_received_total") == MESSAGES
@@ -89,21 +105,22 @@ def test_values_move_with_traffic(start_server, where):
         assert received >= MESSAGES * CLIENT_FRAME_BYTES
         sent = value(after, "broadcast_sent_bytes_total") - value(before, "broadcast_sent_bytes_total")
         assert sent >= MESSAGES * CLIENTS * SERVER_FRAME_BYTES
-        assert value(after, "broadcast_queued_bytes") == 0  # everything was read
         clients.pop().close(1000, "raw client text never becomes a label")
         server.wait_for_log(rf"disconnect anonymous@\S+: closed by client: 1000 .* \({CLIENTS - 1} online\)", WAIT)
         assert get(f"http://127.0.0.1:{server.port}/nowhere")[0] == 404
         server.wait_for_log(r"refused \S+: 404", WAIT)
+        # The idle one, and on the main port the scrape itself, are in their handshake.
+        opening = 1 if where == "own-port" else 2
         with socket.create_connection((server.host, server.port), WAIT) as idle:  # opens, never asks
             idle.sendall(b"GET /ws HTTP/1.1\r\n")
-            later = scrape(url)
+            # The leaver holds its connection until the server hangs up, a moment after the log line.
+            later = wait_metrics(url, lambda s: value(s, "broadcast_handshakes") == opening
+                                 and value(s, "broadcast_connections") == CLIENTS - 1,
+                                 f"{opening} opening and {CLIENTS - 1} joined")
         assert value(later, "broadcast_closes_total", code="1000", reason="client") == 1
         assert not [k for k in later if k[0] == "broadcast_closes_total" and "raw" in str(k)]
         assert value(later, "broadcast_handshake_refusals_total", status="404") - \
             value(before, "broadcast_handshake_refusals_total", status="404") == 1
-        assert value(later, "broadcast_connections") == CLIENTS - 1
-        # The idle one, and on the main port the scrape itself.
-        assert value(later, "broadcast_handshakes") == (1 if where == "own-port" else 2)
 
 
 def _node(samples) -> str:
@@ -155,3 +172,24 @@ def test_a_metrics_port_in_use_is_an_error_naming_it(start_server):
         assert server.wait_exit(WAIT * 2) == 1
     assert f"cannot listen for metrics on 127.0.0.1:{port}" in server.log, server.log
     assert "Traceback" not in server.log
+
+
+@pytest.mark.redis
+def test_redis_state_and_publish_latency(start_server, redis_server):
+    server = start_server("--redis-url", redis_server.url)
+    wait_health(server, "ok", WAIT)
+    url = metrics_url(server)
+    before = scrape(url)
+    assert value(before, "broadcast_redis_state", state="ok") == 1
+    assert value(before, "broadcast_redis_state", state="off") == 0
+    with ws_connect(server.url) as ws:  # anonymous: one publish, no notices
+        server.wait_for_log("connect anonymous", WAIT)
+        ws.send(TEXT)
+        assert recv(ws, WAIT) == TEXT  # back round Redis
+    after = scrape(url)
+    published = value(after, "broadcast_redis_publish_seconds_count") - \
+        value(before, "broadcast_redis_publish_seconds_count")
+    assert published == 1
+    assert value(after, "broadcast_redis_publish_seconds_bucket", le="+Inf") == \
+        value(after, "broadcast_redis_publish_seconds_count")
+    assert 0 < value(after, "broadcast_redis_publish_seconds_sum") < WAIT
