@@ -5,8 +5,8 @@ counted. Events come in through hooks: ``Metrics`` is the engine's
 ``net.meter.Meter``, and the Redis bus times its publishes with
 ``redis_publish_seconds``. What is a state rather than an event
 (connections, rooms, queued bytes, the Redis state), and the tallies the
-engine keeps on its hot path (frames delivered, bytes sent), are read
-from their owners when scraped, by ``_Snapshot``, so counting costs the
+engine keeps on its hot path (frames delivered, bytes sent), and the
+rooms' history bytes, are read from their owners when scraped, by ``_Snapshot``, so counting costs the
 fan-out nothing.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, \
-    generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest, \
+    start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .net.meter import Traffic
@@ -71,18 +71,10 @@ class Metrics:
 
     # Wiring, by the composition root.
 
-    def watch(self, traffic: Callable[[], Traffic], rooms: Callable[[], int], redis_state: Callable[[], str]) -> None:
-        """Read the engine's traffic, the number of rooms and the bus's state at each scrape."""
-        self.registry.register(_Snapshot(traffic, rooms, redis_state))
-
-    def watch_history(self, history_bytes: Callable[[], int]) -> None:
-        """Read the bytes every room's history holds (chat.history.HistoryBudget.used) at each scrape.
-
-        For the composition root to call once rooms keep history; until
-        then there is no such gauge, rather than one that always reads 0.
-        """
-        Gauge("broadcast_history_bytes", "Bytes all rooms' history holds on this node.",
-              registry=self.registry).set_function(history_bytes)
+    def watch(self, traffic: Callable[[], Traffic], rooms: Callable[[], int], history_bytes: Callable[[], int],
+              redis_state: Callable[[], str]) -> None:
+        """Read the engine's traffic, the rooms, their history's bytes and the bus's state at each scrape."""
+        self.registry.register(_Snapshot(traffic, rooms, history_bytes, redis_state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -96,10 +88,11 @@ class Metrics:
 class _Snapshot:
     """A custom collector: values read from their owners when scraped, not counted as they change."""
 
-    def __init__(self, traffic: Callable[[], Traffic], rooms: Callable[[], int],
+    def __init__(self, traffic: Callable[[], Traffic], rooms: Callable[[], int], history_bytes: Callable[[], int],
                  redis_state: Callable[[], str]) -> None:
         self._traffic = traffic
         self._rooms = rooms
+        self._history_bytes = history_bytes
         self._redis_state = redis_state
 
     def collect(self):
@@ -108,6 +101,8 @@ class _Snapshot:
         yield GaugeMetricFamily("broadcast_handshakes", "Connections still in their opening handshake.",
                                 value=traffic.opening)
         yield GaugeMetricFamily("broadcast_rooms", "Rooms on this node.", value=self._rooms())
+        yield GaugeMetricFamily("broadcast_history_bytes", "Bytes all rooms' history holds on this node.",
+                                value=self._history_bytes())
         yield GaugeMetricFamily("broadcast_queued_bytes", "Bytes owed to clients, in all their outboxes.",
                                 value=traffic.queued_bytes)
         yield CounterMetricFamily("broadcast_messages_delivered", "Data frames queued to clients (one per member).",

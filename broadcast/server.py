@@ -22,17 +22,15 @@ import sys
 import threading
 import time
 import uuid
-from urllib.parse import parse_qs
 
 from . import __version__, logs
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
-from .chat.app import ChatApp
-from .chat.rooms import Rooms
+from .chat.app import ROOMS_PATH, ChatApp
+from .chat.rooms import Rooms, RoomSettings
 from .config import ServerConfig, parse_server_args
 from .metrics import CONTENT_TYPE, Metrics
-from .net.app import Refused, request_target
 from .net.connection import WIRE_LOG
 from .net.http import Reply
 from .net.listener import Listener
@@ -56,18 +54,22 @@ class Server:
         tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.node_id = uuid.uuid4().hex[:12]
         self.metrics = Metrics(__version__, self.node_id)
-        self.rooms = Rooms()
+        settings = RoomSettings(config.history_size, config.history_bytes, config.history_ttl,
+                                config.allow_duplicate_names)
+        self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
                                 self.metrics.redis_publish_seconds)
         else:
             self.bus = LocalBus(self.rooms)
-        app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
-        routes = {HEALTH_PATH: self._health}
+        self.policy = admission.Policy(config.token, config.require_username)
+        app = ChatApp(self.policy, self.rooms, self.bus)
+        routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
         if not config.no_metrics and config.metrics_port is None:
             routes[METRICS_PATH] = self._metrics
         self.listener = Listener(config, app, routes, tls, self.metrics)
-        self.metrics.watch(self.listener.traffic, lambda: len(self.rooms), lambda: self.bus.state)
+        self.metrics.watch(self.listener.traffic, lambda: len(self.rooms), lambda: self.rooms.budget.used,
+                           lambda: self.bus.state)
 
     def _health(self, request) -> Reply:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
@@ -78,11 +80,7 @@ class Server:
 
     def _metrics(self, request) -> Reply:
         """Prometheus text; behind --token as the WebSocket is, since it tells who is busy and how much."""
-        token = self.config.token
-        if token is not None:
-            query = parse_qs(request_target(request.path, request.headers).query)
-            if not admission.authorized(token, request.headers, query):
-                raise Refused(401, "missing or invalid token", (("WWW-Authenticate", 'Bearer realm="broadcast"'),))
+        admission.authorize(request.path, request.headers, self.policy)  # Refused: 401
         return Reply(200, CONTENT_TYPE, self.metrics.render())
 
     def listen(self) -> None:
@@ -134,6 +132,13 @@ class Server:
         self.listener.shutdown(deadline)
         self.bus.close(deadline)  # a frozen Redis cannot stretch the shutdown
         log.info("stopped")
+
+
+def _json(handler):
+    """A route answering with ``handler(request)``'s dict as JSON (it raises Refused to refuse)."""
+    def route(request) -> Reply:
+        return Reply(200, "application/json", (json.dumps(handler(request)) + "\n").encode())
+    return route
 
 
 def _raise_open_file_limit() -> None:

@@ -50,7 +50,7 @@ def test_every_line_is_json_with_the_fields_of_connect_disconnect_and_refusal(st
     assert connect["user"] == "Alice" and connect["room"] == "lobby", connect
     assert connect["peer"].startswith("127.0.0.1:")
     assert connect["level"] == "INFO" and connect["ts"].startswith("20")
-    assert connect["message"] == f"connect Alice@{connect['peer']} (1 online)"  # the text line's wording
+    assert connect["message"] == f"connect Alice@{connect['peer']} (1 online), room lobby"  # the text line's wording
     disconnect = one(found, event="disconnect")
     assert (disconnect["user"], disconnect["room"], disconnect["peer"]) == ("Alice", "lobby", connect["peer"])
     assert (disconnect["code"], disconnect["reason"]) == (1000, "client"), disconnect
