@@ -4,10 +4,10 @@ prometheus-client writes the text format; this module only decides what is
 counted. Events come in through hooks: ``Metrics`` is the engine's
 ``net.meter.Meter``, and the Redis bus times its publishes with
 ``redis_publish_seconds``. What is a state rather than an event
-(connections, rooms, queued bytes, the Redis state), and the tallies the
-engine keeps on its hot path (frames delivered, bytes sent), and the
-rooms' history bytes, are read from their owners when scraped, by ``_Snapshot``, so counting costs the
-fan-out nothing.
+(connections, rooms, history and queued bytes, the Redis state), and the
+tallies the engine keeps on its hot path (frames delivered, bytes sent),
+are read from their owners when scraped, by ``_Snapshot``, so counting
+costs the fan-out nothing.
 """
 
 from __future__ import annotations
