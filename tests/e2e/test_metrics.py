@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.test_redis import redis_factory, redis_server  # noqa: F401 - fixtures
 from support.process import SERVER, run
+from support.rawws import RawWS
 from support.redis import wait_health
 from support.wsclients import recv, ws_connect
 
@@ -174,6 +175,29 @@ def test_a_metrics_port_in_use_is_an_error_naming_it(start_server):
         assert server.wait_exit(WAIT * 2) == 1
     assert f"cannot listen for metrics on 127.0.0.1:{port}" in server.log, server.log
     assert "Traceback" not in server.log
+
+
+def test_a_slow_consumer_counts_as_an_eviction_and_a_1008_close(start_server):
+    """A client that never reads, behind a publisher: one eviction, closes{code=1008, reason=slow_consumer}."""
+    server = start_server("--send-queue-bytes", "65536", "--write-timeout", "0")
+    url = metrics_url(server)
+    stuck = RawWS.connect(server.port, rcvbuf=4096)  # and never reads
+    evicted = r"closing anonymous@\S+: 1008 slow consumer"
+    try:
+        with ws_connect(server.url) as publisher:  # its library reads for it all along
+            server.wait_for_log(r"\(2 online\)", WAIT)
+            chunk = "x" * 65536
+            deadline = time.monotonic() + 6 * WAIT
+            for _ in range(2000):  # bounded: the eviction comes after a few MiB and STALLED_AFTER_S
+                publisher.send(chunk)
+                if re.search(evicted, server.log) or time.monotonic() > deadline:
+                    break
+            server.wait_for_log(evicted, WAIT)
+            samples = wait_metrics(url, lambda s: value(s, "broadcast_closes_total", code="1008",
+                                                        reason="slow_consumer") == 1, "the eviction's close")
+    finally:
+        stuck.close()
+    assert value(samples, "broadcast_evictions_total") == 1
 
 
 @pytest.mark.redis
