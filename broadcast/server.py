@@ -87,11 +87,14 @@ class Server:
         """Bind and listen, and say where; raises OSError (port in use, bad host)."""
         listener = self.listener
         listener.listen()
-        host, port = listener.address
-        bound = f"[{host}]" if listener.ipv6 else host
-        url = f"{'wss' if listener.tls else 'ws'}://{bound}:{port}{admission.WS_PATH}"
+        url = f"{'wss' if listener.tls else 'ws'}://{self._netloc()}{admission.WS_PATH}"
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         self._log_exposure(url)
+
+    def _netloc(self) -> str:
+        """Where the listener listens, as a URL has it (an IPv6 host in brackets)."""
+        host, port = self.listener.address
+        return f"[{host}]:{port}" if self.listener.ipv6 else f"{host}:{port}"
 
     def serve_metrics(self) -> None:
         """Say where /metrics is, after ``listen``; start its own listener if it has one (raises OSError)."""
@@ -100,9 +103,7 @@ class Server:
             log.info("metrics: off")
             return
         if c.metrics_port is None:
-            host, port = self.listener.address
-            bound = f"[{host}]" if self.listener.ipv6 else host
-            url = f"{'https' if self.listener.tls else 'http'}://{bound}:{port}{METRICS_PATH}"
+            url = f"{'https' if self.listener.tls else 'http'}://{self._netloc()}{METRICS_PATH}"
             log.info("metrics on %s, token %s", url, "on" if c.token else "off",
                      extra={"event": "metrics", "url": url})
             return
