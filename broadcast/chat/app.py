@@ -86,7 +86,9 @@ class ChatApp:
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
         online = session.room.join(member, session.structured, session.history, session.since)
-        log.info("connect %s (%d online), room %s", member.label, online, session.room.name)
+        log.info("connect %s (%d online), room %s", member.label, online, session.room.name,
+                 extra={"event": "connect", "peer": member.peer, "user": session.username,
+                        "room": session.room.name, "online": online})
 
     def ready(self, member: Member) -> None:
         session = member.session
@@ -130,7 +132,10 @@ class ChatApp:
         session = member.session
         room = session.room
         online = room.leave(member, session)
-        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name)
+        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name,
+                 extra={"event": "disconnect", "peer": member.peer, "user": session.username,
+                        "room": room.name, "code": int(member.close_code),
+                        "reason": member.close_class, "online": online})
         if session.username and not session.replaced:
             self.bus.publish(room.name, Opcode.TEXT, f"* {session.username} left".encode(),
                              sender=session.username, kind=LEAVE)
