@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from . import logs
+from . import logs, web
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
@@ -56,7 +56,10 @@ class Server:
         else:
             self.bus = LocalBus(self.rooms)
         app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
-        self.listener = Listener(config, app, {HEALTH_PATH: self._health}, tls)
+        routes = {HEALTH_PATH: self._health}
+        if not config.no_web:
+            routes.update(web.routes())
+        self.listener = Listener(config, app, routes, tls)
 
     def _health(self, request) -> Reply:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
@@ -73,6 +76,8 @@ class Server:
         bound = f"[{host}]" if listener.ipv6 else host
         url = f"{'wss' if listener.tls else 'ws'}://{bound}:{port}{admission.WS_PATH}"
         log.info("listening on %s", url)
+        if not self.config.no_web:
+            log.info("chat page at %s://%s:%d/", "https" if listener.tls else "http", bound, port)
         self._log_exposure(url)
 
     def _log_exposure(self, url: str) -> None:
