@@ -25,8 +25,8 @@ NOT_INSTALLED = ("chromium or chromium-driver not installed: browser tests of th
                  "(apt-get install chromium chromium-driver)")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
-DESKTOP = (1000, 700)  # window size, CSS pixels
-PHONE = (390, 844)  # a common phone's width and height, CSS pixels
+DESKTOP = (1000, 700)  # viewport, CSS pixels
+PHONE = (390, 844)  # a common phone's viewport, CSS pixels (narrower than a headless window may be)
 WAIT_S = 10.0  # any one thing the page should show; the browser shares 2 loaded cores
 
 
@@ -38,15 +38,21 @@ def require_chromium() -> None:
 
 
 def chrome(size: tuple[int, int] = DESKTOP):
-    """A new headless Chromium with a fresh profile (removed by ``quit``)."""
+    """A new headless Chromium with a fresh profile (removed by ``quit``), its viewport ``size``.
+
+    The viewport is set as DevTools' device mode sets it (a window is never
+    narrower than 500 pixels, and its frame takes part of its height); a
+    phone's size is emulated as a mobile screen.
+    """
     profile = tempfile.mkdtemp(prefix="broadcast-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
-    options.add_argument(f"--window-size={size[0]},{size[1]}")
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": size == PHONE})
     quit_driver = driver.quit
 
     def quit() -> None:
