@@ -8,14 +8,17 @@ client, as people would: they type, press Enter and read what is shown
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 import urllib.error
 import urllib.request
+from urllib.parse import quote
 
 import pytest
 from selenium.common.exceptions import NoAlertPresentException
 
 from support.browser import PHONE, Page, chrome, require_chromium
 from support.process import ClientProcess, clean_env
+from support.proxy import Relay
 
 WAIT_S = 10.0  # any one expected line or state, under a loaded machine
 XSS = "<img src=x onerror=alert(1)>"
@@ -223,6 +226,35 @@ def test_the_page_reconnects_and_recovers_after_a_server_restart(start_server, b
     assert [m[1] for m in page.messages()].count("before the restart") == 1
 
 
+def test_the_page_recovers_what_it_missed_while_its_network_was_down(server, browsers, clients):
+    relay = Relay(server.port)
+    try:
+        page = browsers(SimpleNamespace(addr=f"127.0.0.1:{relay.port}")).open("/?room=ops")
+        page.join("Alice")
+        page.wait_online()
+        carol = cli(clients, server, "ops", "Carol")
+        carol.send("while you were here")
+        page.wait_message("Carol", "while you were here")
+
+        last_id = page.driver.execute_script("return document.querySelector('#log li.msg:last-child').dataset.id")
+        relay.down()
+        page.wait(lambda d: page.state()[0] == "reconnecting", "the page to say it is reconnecting")
+        carol.stdout.expect("* Alice left", WAIT_S)
+        for n in range(3):
+            carol.send(f"missed {n}")
+            carol.stdout.expect(f"[Carol] missed {n}", WAIT_S)
+        relay.up()
+        page.wait_online(timeout=40)  # the backoff may have reached 8 s
+        page.wait_notice("reconnected; recovered 3 messages")
+        # It asked for what came after the last message it had, not for the whole history again.
+        assert f"/ws/ops?username=Alice&since={quote(last_id, safe='')} HTTP/1.1" in relay.requests[-1]
+        assert [m[1] for m in page.messages()] == ["while you were here", "missed 0", "missed 1", "missed 2"]
+        carol.send("live again")
+        page.wait_message("Carol", "live again")
+    finally:
+        relay.close()
+
+
 # Access control
 
 
@@ -243,6 +275,16 @@ def test_a_wrong_token_gets_a_clear_error_and_the_token_stays_out_of_the_url(sta
     page.wait_message("Alice", "with the right token")
     assert "token" not in page.driver.current_url
     assert "s3cret" not in page.driver.execute_script("return location.href + document.cookie")
+
+
+def test_a_name_taken_in_the_room_gets_the_servers_reason(server, browsers, clients):
+    alice = cli(clients, server, "ops", "Alice")
+    alice.send("here first")
+    alice.stdout.expect("[Alice] here first", WAIT_S)
+    page = browsers(server).open("/?room=ops")
+    page.join("Alice")
+    page.wait(lambda d: page.state()[0] == "offline", "the page to give up")
+    assert page.element("problem").text == "the server refused to connect: name Alice is taken in room ops"
 
 
 def test_allowed_origin_admits_the_page_only_when_its_origin_is_listed(start_server, browsers):
