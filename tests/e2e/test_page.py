@@ -255,6 +255,25 @@ def test_the_page_recovers_what_it_missed_while_its_network_was_down(server, bro
         relay.close()
 
 
+def test_a_page_whose_old_connection_the_server_still_holds_comes_back_when_keepalive_drops_it(
+        start_server, browsers):
+    server = start_server("--ping-interval", "1", "--ping-timeout", "1")
+    relay = Relay(server.port)
+    try:
+        page = browsers(SimpleNamespace(addr=f"127.0.0.1:{relay.port}")).open("/?room=ops")
+        page.join("Alice")
+        page.wait_online()
+        relay.down(half_open=True)  # the server still sees Alice's connection
+        page.wait(lambda d: page.state()[0] == "reconnecting", "the page to say it is reconnecting")
+        relay.up()
+        server.wait_for_log(r"refused .*: 409 name Alice is taken in room ops", WAIT_S)
+        page.wait_online(timeout=30)
+        page.send("back")
+        page.wait_message("Alice", "back")
+    finally:
+        relay.close()
+
+
 # Access control
 
 

@@ -4,7 +4,9 @@ A browser's WebSocket cannot be broken from outside the browser; putting
 this relay between the page and the server can. ``down()`` cuts every
 relayed connection (no close frame: a connection lost, 1006, to both ends)
 and turns new ones away until ``up()``; the server stays up the whole time,
-with its history. ``requests`` are the request lines that came through,
+with its history. ``down(half_open=True)`` cuts the browser's side only,
+as a network that drops without a word to the server: the server finds out
+by its keepalive. ``requests`` are the request lines that came through,
 to see what the page asked for.
 """
 
@@ -22,8 +24,9 @@ class Relay:
         self.upstream_port = upstream_port
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=ACCEPT_BACKLOG)
         self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()  # guards _open, _up and requests
-        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()  # guards _open, _held, _up and requests
+        self._open: set[tuple[socket.socket, socket.socket]] = set()  # (browser's side, server's side)
+        self._held: set[socket.socket] = set()  # servers' sides left open by down(half_open=True)
         self.requests: list[str] = []
         self._up = True
         threading.Thread(target=self._accept, daemon=True).start()
@@ -46,7 +49,7 @@ class Relay:
                 continue
             server.settimeout(None)
             with self._lock:
-                self._open.update((client, server))
+                self._open.add((client, server))
             for a, b, first in ((client, server, True), (server, client, False)):
                 threading.Thread(target=self._pump, args=(a, b, first), daemon=True).start()
 
@@ -58,17 +61,24 @@ class Relay:
                         self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
                     request = False
                 sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
+            with self._lock:
+                held = sink in self._held
+            if not held:  # pass the end on, unless the server is not to hear of it
+                sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # cut, or the other side went away
 
-    def down(self) -> None:
-        """Cut every relayed connection, both ways, and refuse new ones."""
+    def down(self, half_open: bool = False) -> None:
+        """Cut every relayed connection (only the browser's side if ``half_open``), and refuse new ones."""
         with self._lock:
             self._up = False
             cut, self._open = self._open, set()
-        for sock in cut:
-            _cut(sock)
+            if half_open:
+                self._held.update(server for _, server in cut)
+        for client, server in cut:
+            _cut(client)
+            if not half_open:
+                _cut(server)
 
     def up(self) -> None:
         with self._lock:
@@ -76,6 +86,10 @@ class Relay:
 
     def close(self) -> None:
         self.down()
+        with self._lock:
+            held, self._held = self._held, set()
+        for server in held:
+            _cut(server)
         self._listener.close()
 
 
