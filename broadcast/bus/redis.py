@@ -39,7 +39,6 @@ from websockets.frames import Opcode
 
 from ..redact import redact_url
 from . import envelope
-from .base import encode
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,13 @@ class RedisUnavailable(Exception):
 class _Pending:
     """An own message on its way round Redis."""
 
-    __slots__ = ("room", "frame", "skip", "published")
+    __slots__ = ("room", "delivery", "published")
 
-    def __init__(self, room: str, frame: bytes, skip: int | None) -> None:
+    def __init__(self, room: str, delivery: tuple) -> None:
         self.room = room
-        self.frame = frame
-        self.skip = skip  # the member id of a joiner that must not get its own notice
+        # Room.deliver's arguments: opcode, payload, skip (the member id of a
+        # joiner that must not get its own notice), sender, kind.
+        self.delivery = delivery
         self.published = False  # Redis has acknowledged it
 
 
@@ -191,12 +191,13 @@ class RedisBus:
 
     # Reader threads.
 
-    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None) -> int | None:
+    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
+                sender: str | None = None, kind: str = "message") -> int | None:
         """Send round Redis; the id to settle() on, or None if delivered here already."""
         if self.state == "ok":
             seq = next(self._seqs)
-            data = envelope.encode(self.node_id, seq, room, opcode, payload)
-            pending = _Pending(room, encode(opcode, payload), skip)
+            data = envelope.encode(self.node_id, seq, room, opcode, payload, sender, kind)
+            pending = _Pending(room, (opcode, payload, skip, sender, kind))
             with self._lock:
                 self._pending[seq] = pending
             deadline = time.monotonic() + PUBLISH_DEADLINE_S
@@ -213,7 +214,7 @@ class RedisBus:
                 with self._lock:
                     pending.published = True  # the watchdog's next sync can now account for it
                 return seq
-        self._rooms[room].broadcast(encode(opcode, payload), skip)
+        self._deliver_to(room, (opcode, payload, skip, sender, kind))
         return None
 
     def settle(self, seq: int) -> None:
@@ -232,7 +233,12 @@ class RedisBus:
             pending = self._pending.pop(seq, None)
             self._lock.notify_all()
         if pending is not None:
-            self._rooms[pending.room].broadcast(pending.frame, pending.skip)
+            self._deliver_to(pending.room, pending.delivery)
+
+    def _deliver_to(self, name: str, delivery: tuple) -> None:
+        room = self._rooms.get(name)
+        if room is not None:  # its last member may have left meanwhile
+            room.deliver(*delivery)
 
     # Watchdog thread.
 
@@ -316,7 +322,7 @@ class RedisBus:
         elif opcode is not None and (seq is None or self._first_time(node, seq)):
             room = self._rooms.default if message.room is None else self._rooms.get(message.room)
             if room is not None:  # a room no client of this node is in
-                room.broadcast(encode(opcode, message.payload))
+                room.deliver(opcode, message.payload, None, message.sender, message.kind)
 
     def _synced(self, sync: int) -> None:
         """Our sync came back: Redis answers, and what it took before the sync is in."""
