@@ -52,7 +52,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMes
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
 from websockets.sync.client import connect
 
-from broadcast.chat.app import ONLINE_HEADER
+from broadcast.chat.app import ONLINE_HEADER, SESSION_HEADER
 from broadcast.chat.names import room_problem
 from broadcast.chat.structured import SUBPROTOCOL
 from broadcast.config import parse_client_args
@@ -67,7 +67,6 @@ DEFAULT_PORT = 8080  # the server's default --port
 CLOSE_TIMEOUT_S = 2.0  # to wait for the server's reply to our close frame
 SIGNAL_REPEAT_S = 0.2  # between SIGINTs until the main thread stops reading input
 WHO_TIMEOUT_S = 5.0  # for /who's question to an older server's /healthz
-SESSION_HEADER = "Broadcast-Session"  # the handshake response's token that keeps our name on a resume
 # A structured server sends the history, then a presence object, then live
 # messages: what we send waits for the presence (at most this long) so that
 # our own echo is never taken for a replayed line of the same text.
@@ -709,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(errors="replace")
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        ws = _connect(url, args, tls, headers)
+        # A transcript (a pipe, a file) starts where it starts, as before rooms
+        # had history; a person at a terminal gets the room's history first.
+        ws = _connect(url if sys.stdout.isatty() else _with_query(url, history="0"), args, tls, headers)
     except KeyboardInterrupt:
         return 130
     except InvalidStatus as exc:
