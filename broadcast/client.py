@@ -292,18 +292,21 @@ class Session:
     def run(self) -> int:
         # Ends the session the way Ctrl+C does: a logger under systemd gets SIGTERM.
         signal.signal(signal.SIGTERM, _interrupt_once)
+        # Started inside the try: the reader may signal as soon as it runs.
+        reader = threading.Thread(target=self._read, name="reader", daemon=True)
         try:
-            # Started inside the try: the reader may signal as soon as it runs.
-            threading.Thread(target=self._read, name="reader", daemon=True).start()
             if self.listen_only:
+                reader.start()
                 self.reader_done.wait()
             elif self.interactive:
                 # Under `| tee log` nothing prints above the prompt: it is on stderr.
                 printing = patch_stdout(raw=True) if self.to_terminal else contextlib.nullcontext()
                 with _typeahead_unechoed(), printing:
-                    self._note(self._connected_line())
+                    self._note(self._connected_line())  # before the room's history
+                    reader.start()
                     self._send_input()
             else:
+                reader.start()
                 self._send_input()
         except KeyboardInterrupt:
             pass  # the user's Ctrl+C, or the reader saying the session is over

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from support.process import CLIENT, ROOT, ClientProcess, Lines, clean_env, run
+from support.process import CLIENT, ROOT, Lines, clean_env, run
 from support.rawws import accept_for, build_frame, close_payload
 
 from broadcast.client import CONTINUATION_INDENT as CONTINUATION
@@ -45,19 +45,6 @@ ENV = clean_env()
 
 def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
     return run(CLIENT, *args, env=ENV, input=input, timeout=timeout)
-
-
-@pytest.fixture
-def piped():
-    clients: list[ClientProcess] = []
-
-    def start(*args: str) -> ClientProcess:
-        clients.append(ClientProcess(*args, env=ENV))
-        return clients[-1]
-
-    yield start
-    for client in clients:
-        client.kill()
 
 
 @pytest.fixture
