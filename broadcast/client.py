@@ -85,6 +85,9 @@ RECONNECT_FIRST_DELAY_S = 0.5
 RECONNECT_MAX_DELAY_S = 10.0
 RECONNECT_BACKOFF_FACTOR = 2.0
 PRESENCE_REQUEST = '{"kind":"presence"}'
+# A timestamp past this (the year 9999) would make time.localtime fail: a
+# hostile server's ts must not end the session.
+MAX_TS_S = 253402300799.0
 SHOWN_KINDS = {"message", "history", "join", "leave", "presence"}  # gap and error are told apart
 WHO_BODY_BYTES = 4096  # /healthz answers a few dozen bytes; a hostile server gets no more read
 CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
@@ -472,7 +475,9 @@ class Session:
         kind = obj.get("kind")
         if isinstance(obj.get("id"), str):
             self.last_id = obj["id"]
-        ts = obj.get("ts") if isinstance(obj.get("ts"), (int, float)) else None
+        ts = obj.get("ts")
+        if not isinstance(ts, (int, float)) or not 0 <= ts <= MAX_TS_S:
+            ts = None  # shown with the time it arrived
         if kind == "gap":
             self.gap = obj
             return

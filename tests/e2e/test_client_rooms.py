@@ -201,14 +201,16 @@ def test_a_name_taken_while_cut_off_ends_the_session_with_the_409(server, proxy,
 
 @pytest.fixture
 def scripted_server():
-    """A websockets server that speaks broadcast.v1, sends presence, then closes with ``state.code``.
+    """A websockets server that speaks broadcast.v1, sends ``state.frames`` and presence, then closes with ``state.code``.
 
     Each request's path goes to ``paths``: how often, and with what, the client came back.
     """
-    state = SimpleNamespace(code=1000, paths=queue.Queue())
+    state = SimpleNamespace(code=1000, paths=queue.Queue(), frames=[])
 
     def handler(ws) -> None:
         state.paths.put(ws.request.path)
+        for frame in state.frames:
+            ws.send(json.dumps(frame))
         ws.send(json.dumps({"kind": "presence", "id": "E:3", "room": "lobby", "ts": 1.0,
                             "users": ["Alice"], "anonymous": 0}))
         ws.close(state.code, "scripted")
@@ -303,3 +305,25 @@ def test_terminal_shows_the_room_in_the_connect_line_and_its_history_first(serve
             child.expect_exact("[Bob] live")
         finally:
             child.close(force=True)
+
+
+def test_timestamps_are_the_servers_and_a_wild_one_is_survived(scripted_server):
+    """ts 3723 is 01:02:03 UTC; a ts past any calendar is shown with the time it arrived."""
+    scripted_server.frames = [
+        {"kind": "history", "id": "E:1", "room": "lobby", "ts": 3723.0, "from": "Bob", "text": "long ago"},
+        {"kind": "message", "id": "E:2", "room": "lobby", "ts": 1e300, "from": "Bob", "text": "wild"},
+    ]
+    child = pexpect.spawn(sys.executable, [*CLIENT[1:], "--addr", scripted_server.addr, "--timestamps",
+                                           "--no-color", "--reconnect-timeout", "0"],
+                          cwd=str(ROOT), env={**ENV, "TERM": "xterm", "TZ": "UTC"}, encoding="utf-8",
+                          timeout=WAIT, dimensions=(24, 160))
+    child.logfile_read = io.StringIO()
+    try:
+        child.expect_exact("01:02:03 [Bob] long ago")
+        child.expect(r"\d\d:\d\d:\d\d \[Bob\] wild")
+        child.expect_exact("connection closed by server: 1000")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "Traceback" not in child.logfile_read.getvalue()
