@@ -76,7 +76,7 @@ class ChatApp:
         session.replaces = seated.replaced
         online = (ONLINE_HEADER, str(len(room) + 1))  # counting the one joining
         headers = (online, (SESSION_HEADER, seated.token)) if seated.token else (online,)
-        return Admit(session, f"{username or 'anonymous'}@{peer} in {room.name}", headers)
+        return Admit(session, f"{username or 'anonymous'}@{peer}", headers)
 
     def abandon(self, session: Session) -> None:
         self.rooms.unseat(session.room, session)
@@ -86,7 +86,7 @@ class ChatApp:
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
         online = session.room.join(member, session.structured, session.history, session.since)
-        log.info("connect %s (%d online)", member.label, online)
+        log.info("connect %s (%d online), room %s", member.label, online, session.room.name)
 
     def ready(self, member: Member) -> None:
         session = member.session
@@ -130,7 +130,7 @@ class ChatApp:
         session = member.session
         room = session.room
         online = room.leave(member, session)
-        log.info("disconnect %s: %s (%d online)", member.label, why, online)
+        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name)
         if session.username and not session.replaced:
             self.bus.publish(room.name, Opcode.TEXT, f"* {session.username} left".encode(),
                              sender=session.username, kind=LEAVE)

@@ -13,10 +13,9 @@ import logging
 import time
 
 import pytest
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 
 from broadcast.bus import envelope
-from broadcast.bus.base import encode
 from broadcast.bus.envelope import VERSION, Envelope
 from broadcast.bus.redis import DEDUP_WINDOW, RedisBus
 
@@ -25,12 +24,21 @@ ROOM = "lobby"  # the default room of these fakes
 OTHER_ROOM = "kitchen"
 
 
+def encode(opcode: Opcode, payload: bytes) -> bytes:
+    """The plain frame a room builds of what it is given to deliver."""
+    return Frame(opcode, payload).serialize(mask=False)
+
+
 class FakeRoom:
+    """Records the plain frame of each delivery, and who said it as what."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, int | None]] = []
+        self.said: list[tuple[str | None, str]] = []
 
-    def broadcast(self, frame: bytes, skip: int | None = None) -> None:
-        self.sent.append((frame, skip))
+    def deliver(self, opcode, payload: bytes, skip: int | None = None, sender=None, kind="message") -> None:
+        self.sent.append((encode(opcode, payload), skip))
+        self.said.append((sender, kind))
 
 
 class FakeRooms(dict):
@@ -79,8 +87,22 @@ def v1(op: str = "text", skip=None, payload: bytes = b"[Old] hi", **extra) -> by
 def test_a_message_is_one_json_header_line_then_the_payload_exactly():
     payload = b"[Alice] line one\nline two \xff"
     head, _, body = envelope.encode("nodeA", 1, ROOM, Opcode.BINARY, payload).partition(b"\n")
-    assert json.loads(head) == {"v": VERSION, "node": "nodeA", "seq": 1, "op": "binary", "room": ROOM}
+    assert json.loads(head) == {"v": VERSION, "node": "nodeA", "seq": 1, "op": "binary", "room": ROOM,
+                                "from": None, "kind": "message"}
     assert body == payload
+
+
+def test_the_sender_and_kind_go_round_so_that_rooms_can_build_the_structured_object():
+    data = envelope.encode("nodeA", 2, ROOM, Opcode.TEXT, b"* Ann joined", "Ann", "join")
+    assert envelope.decode(data) == Envelope("nodeA", 2, Opcode.TEXT, ROOM, b"* Ann joined", "Ann", "join")
+    bus, rooms, _ = make_bus("nodeB")
+    bus._deliver(data)
+    assert rooms[ROOM].said == [("Ann", "join")]
+
+
+@pytest.mark.parametrize("extra", [{"from": 5}, {"kind": "shout"}], ids=["sender not a name", "unknown kind"])
+def test_a_bad_sender_or_kind_decodes_to_none(extra):
+    assert envelope.decode(raw("nodeA", 3, **extra)) is None
 
 
 @pytest.mark.parametrize("opcode, payload, room", [
