@@ -23,9 +23,15 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from support.process import CLIENT, ROOT, ClientProcess, clean_env
+from support.process import CLIENT, ROOT, START_TIMEOUT_S, ClientProcess, clean_env
+
+from broadcast.client import RECONNECT_MAX_DELAY_S
 
 WAIT = 5.0  # seconds for any one expected event
+STARTED = START_TIMEOUT_S  # for a client's first connection: a Python program's start under load
+# For a reconnection: the backoff may have grown to its cap while the test
+# held the connection shut, and the attempt after it may come a cap later.
+REJOIN_WAIT_S = 2 * RECONNECT_MAX_DELAY_S + START_TIMEOUT_S
 ENV = clean_env()
 CUT_MESSAGES = 10  # published before the cut, while the client reads
 MISSED_MESSAGES = 20  # published while the client is cut off
@@ -102,11 +108,11 @@ def proxy(server):
     cutter.close()
 
 
-def receive_until(ws, wanted: str) -> list[str]:
-    """Messages received up to and including ``wanted``."""
+def receive_until(ws, wanted: str, timeout: float = WAIT) -> list[str]:
+    """Messages received up to and including ``wanted``, each within ``timeout``."""
     got: list[str] = []
     while not got or got[-1] != wanted:
-        got.append(ws.recv(timeout=WAIT))
+        got.append(ws.recv(timeout=timeout))
     return got
 
 
@@ -126,14 +132,14 @@ def cut_while_the_room_goes_on(server, proxy, piped, *client_args: str):
     total = CUT_MESSAGES + MISSED_MESSAGES + LIVE_MESSAGES
     with connect(server.url, open_timeout=WAIT, close_timeout=1) as observer:
         client = piped("--addr", proxy.addr, "--username", "Reader", *client_args)
-        receive_until(observer, "* Reader joined")
+        receive_until(observer, "* Reader joined", STARTED)
         publish(observer, range(CUT_MESSAGES))
         client.stdout.wait_for(rf"^m{CUT_MESSAGES - 1}$")
         proxy.cut()
         receive_until(observer, "* Reader left")  # the server has seen the cut
         publish(observer, range(CUT_MESSAGES, CUT_MESSAGES + MISSED_MESSAGES))
         proxy.resume()
-        receive_until(observer, "* Reader joined")
+        receive_until(observer, "* Reader joined", REJOIN_WAIT_S)
         publish(observer, range(CUT_MESSAGES + MISSED_MESSAGES, total))
         client.stdout.wait_for(rf"^m{total - 1}$")
     client.proc.stdin.close()
@@ -165,14 +171,14 @@ def test_a_restarted_server_is_rejoined_with_the_room_going_on(start_server, pip
     server = start_server()
     client = piped("--addr", server.addr, "--username", "Reader", "--room", "dev")
     with connect(f"{server.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
-        receive_until(observer, "* Reader joined")
+        receive_until(observer, "* Reader joined", STARTED)
         publish(observer, range(2))
         client.stdout.wait_for("^m1$")
     server.stop(signal.SIGTERM)
-    client.stderr.wait_for(r"^connection closed by server: 1001 .*; reconnecting$")
+    client.stderr.wait_for(r"^connection closed by server: 1001 .*; reconnecting$", STARTED)
     again = start_server("--port", str(server.port))
     with connect(f"{again.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
-        receive_until(observer, "* Reader joined")
+        receive_until(observer, "* Reader joined", REJOIN_WAIT_S)
         publish(observer, range(2, 4))
     client.stdout.wait_for("^m3$")
     client.send("back")
@@ -186,13 +192,13 @@ def test_a_restarted_server_is_rejoined_with_the_room_going_on(start_server, pip
 def test_a_name_taken_while_cut_off_ends_the_session_with_the_409(server, proxy, piped):
     client = piped("--addr", proxy.addr, "--username", "Alice")
     with connect(server.url, open_timeout=WAIT, close_timeout=1) as observer:
-        receive_until(observer, "* Alice joined")
+        receive_until(observer, "* Alice joined", STARTED)
         proxy.cut()
         receive_until(observer, "* Alice left")
         with connect(f"{server.url}?username=Alice", open_timeout=WAIT, close_timeout=1):
             receive_until(observer, "* Alice joined")
             proxy.resume()
-            assert client.wait(WAIT * 3) == 1  # refused once, not tried again
+            assert client.wait(REJOIN_WAIT_S) == 1  # refused once, not tried again
     errors = client.stderr.all()
     assert errors[0] == LOST
     assert errors[1:] == [f"broadcast-client: ws://{proxy.addr}/ws?username=Alice rejected the handshake: "
@@ -230,7 +236,7 @@ def scripted_server():
 def test_no_reconnection_after_a_close_that_says_stay_away(scripted_server, piped, code):
     scripted_server.code = code
     client = piped("--addr", scripted_server.addr, "--username", "Alice", "--listen-only")
-    assert client.wait() == (0 if code == 1000 else 1)
+    assert client.wait(STARTED) == (0 if code == 1000 else 1)
     errors = client.stderr.all()
     assert len(errors) == 1 and errors[0].startswith(f"connection closed by server: {code} "), errors
     assert scripted_server.paths.get(timeout=0) == "/ws?username=Alice&history=0"
@@ -241,8 +247,8 @@ def test_no_reconnection_after_a_close_that_says_stay_away(scripted_server, pipe
 def test_reconnection_after_a_restart_close_resumes_with_the_last_id_and_session(scripted_server, piped, code):
     scripted_server.code = code
     client = piped("--addr", scripted_server.addr, "--username", "Alice", "--listen-only")
-    assert scripted_server.paths.get(timeout=WAIT) == "/ws?username=Alice&history=0"
-    assert scripted_server.paths.get(timeout=WAIT) == "/ws?username=Alice&since=E%3A3&session=tok3n"
+    assert scripted_server.paths.get(timeout=STARTED) == "/ws?username=Alice&history=0"
+    assert scripted_server.paths.get(timeout=REJOIN_WAIT_S) == "/ws?username=Alice&since=E%3A3&session=tok3n"
     client.stderr.wait_for(r"^reconnected; recovered 0 messages$")
     assert client.stop(signal.SIGTERM) == 0
     assert "tok3n" not in client.stderr.text
@@ -253,7 +259,7 @@ def test_who_lists_the_room_by_name_with_the_anonymous_count(server, piped):
             connect(f"{server.url}/dev", open_timeout=WAIT, close_timeout=1), \
             connect(f"{server.url}?username=Elsewhere", open_timeout=WAIT, close_timeout=1):
         client = piped("--addr", server.addr, "--username", "Alice", "--room", "dev")
-        receive_until(bob, "* Alice joined")
+        receive_until(bob, "* Alice joined", STARTED)
         client.send("/who")
         assert client.stderr.expect("in dev:") == "in dev: Alice, Bob, 1 anonymous"
     client.proc.stdin.close()
@@ -266,9 +272,9 @@ def test_rooms_never_see_each_others_messages(server, piped):
     with connect(f"{server.url}/red", open_timeout=WAIT, close_timeout=1) as in_red, \
             connect(server.url, open_timeout=WAIT, close_timeout=1) as in_lobby:
         red.send("to red")
-        red.stdout.wait_for(r"^\[Ann\] to red$")
+        red.stdout.wait_for(r"^\[Ann\] to red$", STARTED)
         blue.send("to blue")
-        blue.stdout.wait_for(r"^\[Ben\] to blue$")
+        blue.stdout.wait_for(r"^\[Ben\] to blue$", STARTED)
         in_lobby.send("to lobby")
         receive_until(in_lobby, "to lobby")
         in_red.send("red again")
@@ -283,7 +289,7 @@ def test_rooms_never_see_each_others_messages(server, piped):
 
 def test_bad_room_is_a_usage_error():
     client = ClientProcess("--addr", "127.0.0.1:1", "--room", "no/slash", env=ENV, stdin=False)
-    assert client.wait() == 2
+    assert client.wait(STARTED) == 2
     assert client.stderr.all() == ["broadcast-client: error: invalid --room 'no/slash': "
                                    "may contain only A-Z a-z 0-9 _ . -"]
 
@@ -298,7 +304,7 @@ def test_terminal_shows_the_room_in_the_connect_line_and_its_history_first(serve
                               dimensions=(24, 160))
         child.logfile_read = io.StringIO()
         try:
-            child.expect_exact(f"connected to ws://{server.addr}/ws/dev as Alice (2 online)")
+            child.expect_exact(f"connected to ws://{server.addr}/ws/dev as Alice (2 online)", timeout=STARTED)
             child.expect_exact("[Bob] before you came")
             receive_until(bob, "* Alice joined")
             bob.send("live")
@@ -319,7 +325,7 @@ def test_timestamps_are_the_servers_and_a_wild_one_is_survived(scripted_server):
                           timeout=WAIT, dimensions=(24, 160))
     child.logfile_read = io.StringIO()
     try:
-        child.expect_exact("01:02:03 [Bob] long ago")
+        child.expect_exact("01:02:03 [Bob] long ago", timeout=STARTED)
         child.expect(r"\d\d:\d\d:\d\d \[Bob\] wild")
         child.expect_exact("connection closed by server: 1000")
         child.expect(pexpect.EOF)
