@@ -67,6 +67,8 @@ DEFAULT_PORT = 8080  # the server's default --port
 CLOSE_TIMEOUT_S = 2.0  # to wait for the server's reply to our close frame
 SIGNAL_REPEAT_S = 0.2  # between SIGINTs until the main thread stops reading input
 WHO_TIMEOUT_S = 5.0  # for /who's question to an older server's /healthz
+WHO_BODY_BYTES = 4096  # /healthz answers a few dozen bytes; a hostile server gets no more read
+CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
 # A structured server sends the history, then a presence object, then live
 # messages: what we send waits for the presence (at most this long) so that
 # our own echo is never taken for a replayed line of the same text.
@@ -84,13 +86,11 @@ KEEPALIVE_CLOSE_CODE = 1011  # what we send ourselves when the server stops answ
 RECONNECT_FIRST_DELAY_S = 0.5
 RECONNECT_MAX_DELAY_S = 10.0
 RECONNECT_BACKOFF_FACTOR = 2.0
-PRESENCE_REQUEST = '{"kind":"presence"}'
+PRESENCE_REQUEST = '{"kind":"presence"}'  # what /who asks a broadcast.v1 server
 # A timestamp past this (the year 9999) would make time.localtime fail: a
 # hostile server's ts must not end the session.
 MAX_TS_S = 253402300799.0
 SHOWN_KINDS = {"message", "history", "join", "leave", "presence"}  # gap and error are told apart
-WHO_BODY_BYTES = 4096  # /healthz answers a few dozen bytes; a hostile server gets no more read
-CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
 # Whatever a server says in an error or a close reason is cut to this, so a
 # hostile one cannot fill the screen with a single line.
 ERROR_TEXT_CHARS = 200
