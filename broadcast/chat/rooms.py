@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.frames import Frame, Opcode
@@ -75,7 +76,8 @@ class RoomSettings:
 
 
 class Room:
-    def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget) -> None:
+    def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         # Guards the member tuples, _behind, history and presence.
         self.lock = threading.Lock()
@@ -88,7 +90,7 @@ class Room:
         self._behind: list = []
         self._budget = budget
         self.history = History(new_epoch(), self.lock, budget, size=settings.history_size,
-                               max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s)
+                               max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s, clock=clock)
         self.presence = Presence(name, settings.allow_duplicate_names)  # keyed by the chat's sessions
 
     def __len__(self) -> int:
@@ -259,9 +261,10 @@ class Rooms(dict):
     """
 
     def __init__(self, settings: RoomSettings = RoomSettings(), max_rooms: int = 10_000,
-                 history_total_bytes: int = 64 * 1024 * 1024) -> None:
+                 history_total_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.settings = settings
+        self._clock = clock  # for history's TTL
         self.max_rooms = max_rooms
         self.budget = HistoryBudget(history_total_bytes)
         self._lock = threading.Lock()
@@ -285,7 +288,7 @@ class Rooms(dict):
                     self._sweep_locked()
                 if len(self) >= self.max_rooms:
                     raise Refused(503, "too many rooms")
-                room = self[name] = Room(name, self.settings, self.budget)
+                room = self[name] = Room(name, self.settings, self.budget, self._clock)
             with room.lock:
                 return room, room.presence.add(session, username, token)
 
