@@ -193,6 +193,8 @@ def test_a_name_taken_while_cut_off_ends_the_session_with_the_409(server, proxy,
     client = piped("--addr", proxy.addr, "--username", "Alice")
     with connect(server.url, open_timeout=WAIT, close_timeout=1) as observer:
         receive_until(observer, "* Alice joined", STARTED)
+        client.send("here")  # sent once the client has the handshake's answer: the cut is not in the handshake
+        receive_until(observer, "[Alice] here")
         proxy.cut()
         receive_until(observer, "* Alice left")
         with connect(f"{server.url}?username=Alice", open_timeout=WAIT, close_timeout=1):
