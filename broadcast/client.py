@@ -13,6 +13,15 @@ and sends SIGINT to the main thread until it stops reading input. A SIGINT
 handler that raises KeyboardInterrupt once, and then ignores SIGINT, gives the
 user's Ctrl+C and the reader's signal one single path out, and no second
 signal can land while the client is closing.
+
+A server that speaks ``broadcast.v1`` sends JSON objects with ids: the reader
+shows them as the same lines a plain-text server sends, keeps the last id,
+and when the connection is lost (or the server restarts) it reconnects by
+itself with ``?since=`` that id, so the session carries on with nothing
+missed or doubled. The main thread meanwhile holds its next line until the
+new connection is up. A server that does not select the subprotocol (an
+older one, the Go original) gets today's plain text, and no reconnection:
+without ids, a reconnected session could not say what it missed.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import http.client
 import io
 import json
 import os
+import random
 import signal
 import ssl
 import sys
@@ -42,7 +52,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMes
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
 from websockets.sync.client import connect
 
-from broadcast.chat.app import ONLINE_HEADER
+from broadcast.chat.app import ONLINE_HEADER, SESSION_HEADER
+from broadcast.chat.names import room_problem
+from broadcast.chat.structured import SUBPROTOCOL
 from broadcast.config import parse_client_args
 from broadcast.net.limits import LIMITS_HEADER, TokenBucket, parse_limits_header
 from broadcast.redact import redact_url
@@ -54,9 +66,31 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 8080  # the server's default --port
 CLOSE_TIMEOUT_S = 2.0  # to wait for the server's reply to our close frame
 SIGNAL_REPEAT_S = 0.2  # between SIGINTs until the main thread stops reading input
-WHO_TIMEOUT_S = 5.0  # for /who's question to the server's /healthz
+WHO_TIMEOUT_S = 5.0  # for /who's question to an older server's /healthz
 WHO_BODY_BYTES = 4096  # /healthz answers a few dozen bytes; a hostile server gets no more read
 CLEAN_CLOSE_CODES = {1000, 1001}  # normal closure, going away
+# A structured server sends the history, then a presence object, then live
+# messages: what we send waits for the presence (at most this long) so that
+# our own echo is never taken for a replayed line of the same text.
+JOIN_WAIT_S = 5.0
+# Close codes after which the server wants us back: going away (a restart),
+# internal error, service restart, try again later. Any other code (1000,
+# 1008 policy, 4000 replaced by our own new connection) ends the session.
+RESUME_CLOSE_CODES = {1001, 1011, 1012, 1013}
+KEEPALIVE_CLOSE_CODE = 1011  # what we send ourselves when the server stops answering pings: a lost connection
+# Reconnection backoff: the first try comes soon (a cut connection is often
+# back at once), each later one waits twice as long up to the cap (a server
+# that is down for minutes is found within RECONNECT_MAX_DELAY_S of its
+# return), and each wait is drawn from its upper half, so that all the
+# clients of a restarted server do not come back in the same instant.
+RECONNECT_FIRST_DELAY_S = 0.5
+RECONNECT_MAX_DELAY_S = 10.0
+RECONNECT_BACKOFF_FACTOR = 2.0
+PRESENCE_REQUEST = '{"kind":"presence"}'  # what /who asks a broadcast.v1 server
+# A timestamp past this (the year 9999) would make time.localtime fail: a
+# hostile server's ts must not end the session.
+MAX_TS_S = 253402300799.0
+SHOWN_KINDS = {"message", "history", "join", "leave", "presence"}  # gap and error are told apart
 # Whatever a server says in an error or a close reason is cut to this, so a
 # hostile one cannot fill the screen with a single line.
 ERROR_TEXT_CHARS = 200
@@ -77,18 +111,20 @@ STYLE = Style.from_dict({
 })
 COMMANDS = {
     "/help": "list the commands",
-    "/who": "how many are in the room",
+    "/who": "who is in the room",
     "/quit": "leave (so do Ctrl+D and Ctrl+C)",
     "//text": "send /text",
 }
 
 
-def server_url(addr: str, username: str | None) -> str:
-    """The WebSocket URL for ``--addr`` and ``--username``; ValueError if unusable.
+def server_url(addr: str, username: str | None, room: str | None = None) -> str:
+    """The WebSocket URL for ``--addr``, ``--username`` and ``--room``; ValueError if unusable.
 
     Checking host and port here turns a bad address into a usage error
     instead of a connection failure deep inside the WebSocket library.
     A bare HOST or :PORT fills in the rest from the server's defaults.
+    ``room`` is a segment after the address's path, so that a server behind
+    a proxy's prefix (``wss://example.org/chat/ws``) has rooms too.
     """
     scheme, sep, _ = addr.partition("://")
     if not sep:
@@ -103,6 +139,11 @@ def server_url(addr: str, username: str | None) -> str:
         raise ValueError("no host name")
     parts.port  # raises ValueError for a port that is not a number or out of range
     path = parts.path if parts.path not in ("", "/") else WS_PATH
+    if room is not None:
+        problem = room_problem(room)
+        if problem:
+            raise ValueError(f"invalid --room {_bounded(room)!r}: {problem}")
+        path = path.rstrip("/") + "/" + room
     query = parts.query
     if username is not None:
         # quote(), not urlencode(): a space must read %20 in messages, not +.
@@ -153,6 +194,36 @@ def _split_message(text: str) -> list[str]:
     return text.removesuffix("\n").split("\n")
 
 
+def _frame(line: str, structured: bool) -> str:
+    """What to send for ``line``: a structured server would read a line that opens with ``{`` as a request."""
+    if structured and line.lstrip(" \t\r\n").startswith("{"):
+        return json.dumps({"kind": "message", "text": line}, ensure_ascii=False, separators=(",", ":"))
+    return line
+
+
+def _said(obj: dict) -> str:
+    """A message or history object as the line a plain-text server sends for it."""
+    sender, text = obj.get("from"), str(obj.get("text"))
+    return text if sender is None else f"[{sender}] {text}"
+
+
+def _resume_line(recovered: int, gap: dict | None) -> str:
+    """The one line that tells what a resumed session got back."""
+    if gap is None:
+        return f"reconnected; recovered {recovered} message{'' if recovered == 1 else 's'}"
+    missed = gap.get("missed")
+    if isinstance(missed, int):
+        return f"reconnected; {missed} message{'' if missed == 1 else 's'} could not be recovered"
+    return "reconnected; some messages could not be recovered"
+
+
+def _with_query(url: str, **params: str | None) -> str:
+    """``url`` with the ``params`` that are not None added to its query."""
+    parts = urlsplit(url)
+    added = [f"{key}={quote(value, safe='')}" for key, value in params.items() if value is not None]
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, *added]))))
+
+
 def _ansi(fragments: list[tuple[str, str]]) -> str:
     """Styled text as terminal escapes, rendered by prompt_toolkit, for printing through patch_stdout."""
     buffer = io.StringIO()
@@ -182,41 +253,63 @@ class Limits:
 class Session:
     """What the two threads share, so that how the session ends is decided once."""
 
-    def __init__(self, ws, url: str, args, tls: ssl.SSLContext | None) -> None:
-        self.ws = ws
-        self.url = url
+    def __init__(self, ws, url: str, args, tls: ssl.SSLContext | None, headers: list[tuple[str, str]]) -> None:
+        self.url = url  # as given, without a resume's ?since= and ?session=
         self.args = args
         self.tls = tls
-        self.limits = Limits(ws.response.headers)
+        self.headers = headers
         self.listen_only = args.listen_only
         self.interactive = sys.stdin.isatty() and not args.listen_only
         self.to_terminal = sys.stdout.isatty()
         self.color = self.to_terminal and not args.no_color and not os.environ.get("NO_COLOR")
         # Local notes (command output, refusals) are not part of the transcript.
         self.notes = sys.stdout if self.to_terminal else sys.stderr
-        # One lock orders the screen, the end of the session and the echo FIFO.
+        # One lock orders the screen, the end of the session and the echo FIFO;
+        # it also guards the connection (ws, limits, structured, joined), which
+        # the reader replaces on a reconnection, and whos.
         self.cond = threading.Condition()
         self.status: int | None = None  # exit status, once the server or a closed stdout ended it
         self.closing = False  # the user ended the session; the reader stays quiet
         self.expected: collections.deque[str] = collections.deque()  # echoes of what we sent
+        self.whos = 0  # presence objects owed to /who
         self.input_done = threading.Event()  # the main thread no longer reads input
         self.reader_done = threading.Event()
+        self.stopped = threading.Event()  # the user ended the session: a reconnection stops waiting
+        # The reader's own: where the session is, and what a resume has replayed so far.
+        self.token: str | None = None  # the server's session token: a resume keeps our name with it
+        self.last_id: str | None = None
+        self.replay: list[tuple[str, float | None]] | None = None  # held until the resume's outcome is known
+        self.gap: dict | None = None  # the resume's gap object, if the server sent one
+        self._use(ws)
+
+    def _use(self, ws) -> None:
+        """Make ``ws`` the session's connection (under ``cond`` once the reader runs)."""
+        self.ws = ws
+        self.limits = Limits(ws.response.headers)
+        self.structured = ws.subprotocol == SUBPROTOCOL
+        self.token = ws.response.headers.get(SESSION_HEADER, self.token)
+        self.joined = threading.Event()  # the history is in: what we send now is live
+        if not self.structured:
+            self.joined.set()
 
     def run(self) -> int:
         # Ends the session the way Ctrl+C does: a logger under systemd gets SIGTERM.
         signal.signal(signal.SIGTERM, _interrupt_once)
+        # Started inside the try: the reader may signal as soon as it runs.
+        reader = threading.Thread(target=self._read, name="reader", daemon=True)
         try:
-            # Started inside the try: the reader may signal as soon as it runs.
-            threading.Thread(target=self._read, name="reader", daemon=True).start()
             if self.listen_only:
+                reader.start()
                 self.reader_done.wait()
             elif self.interactive:
                 # Under `| tee log` nothing prints above the prompt: it is on stderr.
                 printing = patch_stdout(raw=True) if self.to_terminal else contextlib.nullcontext()
                 with _typeahead_unechoed(), printing:
-                    self._note(self._connected_line())
+                    self._note(self._connected_line())  # before the room's history
+                    reader.start()
                     self._send_input()
             else:
+                reader.start()
                 self._send_input()
         except KeyboardInterrupt:
             pass  # the user's Ctrl+C, or the reader saying the session is over
@@ -228,7 +321,7 @@ class Session:
     def _connected_line(self) -> str:
         who = f" as {self.args.username}" if self.args.username is not None else ""
         online = f" ({_bounded(self.limits.online)} online)" if self.limits.online else ""
-        return f"connected to {redact_url(server_url(self.args.addr, None))}{who}{online}"
+        return f"connected to {redact_url(server_url(self.args.addr, None, self.args.room))}{who}{online}"
 
     def _lines(self):
         if not self.interactive:
@@ -259,25 +352,39 @@ class Session:
                 continue
             if not line:
                 continue
-            size = len(line.encode("utf-8", "surrogateescape"))
-            if self.limits.max_message_size and size > self.limits.max_message_size:
+            with self.cond:
+                frame, limits = _frame(line, self.structured), self.limits
+            size = len(frame.encode("utf-8", "surrogateescape"))
+            if limits.max_message_size and size > limits.max_message_size:
                 self._note(f"not sent: the line is {size} bytes; the server takes at most "
-                           f"{self.limits.max_message_size}")
+                           f"{limits.max_message_size}")
                 continue
-            self.limits.pace()
+            limits.pace()
             with self.cond:
                 self.expected.append(f"[{self.args.username}] {line}" if self.args.username is not None else line)
-            try:
-                self.ws.send(line)
-            except ConnectionClosed:
-                # The reader says why; give it the time to, then its signal ends the input.
-                self.reader_done.wait(CLOSE_TIMEOUT_S)
+            if not self._send(frame):
                 return
         if not self.interactive:
             # Closing now could drop the echo of the last lines on the floor:
             # a pipe's output should hold what was sent.
             with self.cond:
                 self.cond.wait_for(lambda: not self.expected, timeout=self.args.linger)
+
+    def _send(self, frame: str) -> bool:
+        """Send on the session's connection, waiting out a reconnection; False once the session is over."""
+        while True:
+            with self.cond:
+                ws, joined = self.ws, self.joined
+            joined.wait(JOIN_WAIT_S)
+            try:
+                ws.send(frame)
+                return True
+            except ConnectionClosed:
+                # The reader says why, and reconnects or ends the session.
+                with self.cond:
+                    self.cond.wait_for(lambda: self.ws is not ws or self.status is not None)
+                    if self.status is not None:
+                        return False
 
     def _command(self, word: str) -> bool:
         """Run a local command; False for /quit."""
@@ -286,13 +393,19 @@ class Session:
         if word == "/help":
             self._note("\n".join(f"{name:8} {what}" for name, what in COMMANDS.items()))
         elif word == "/who":
-            self._note(self._who())
+            with self.cond:
+                structured = self.structured
+                self.whos += structured  # the reader prints the presence object that answers
+            if structured:
+                self._send(PRESENCE_REQUEST)
+            else:
+                self._note(self._who())
         else:
             self._note(f"unknown command {_bounded(word)}; /help lists them")
         return True
 
     def _who(self) -> str:
-        """The room's head count, from the server's /healthz (names come with presence)."""
+        """The head count from the server's /healthz: an older server has no presence to ask for names."""
         parts = urlsplit(self.url)
         if parts.scheme == "wss":
             conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=WHO_TIMEOUT_S,
@@ -315,13 +428,16 @@ class Session:
     def _read(self) -> None:
         try:
             while True:
-                data = self.ws.recv()
-                if isinstance(data, bytes):
-                    self._show(f"[binary {len(data)} bytes]")
-                else:
-                    self._show(data)
-        except ConnectionClosed as exc:
-            status, message = _ended(exc, self.args.max_message_size)
+                try:
+                    self._receive()
+                except ConnectionClosed as exc:
+                    status, message = _ended(exc, self.args.max_message_size)
+                    if not self._resumable(exc):
+                        break
+                    ended = self._reconnect(message)
+                    if ended is not None:
+                        status, message = ended
+                        break
         except BrokenPipeError:
             # `| head -1` has what it wanted: leave quietly, as a pipe's writer should.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -335,7 +451,121 @@ class Session:
                     break
         self.reader_done.set()
 
-    def _show(self, text: str) -> None:
+    def _receive(self) -> None:
+        """Show what arrives on the session's connection until it closes."""
+        ws = self.ws  # only this thread replaces it
+        while True:
+            data = ws.recv()
+            if isinstance(data, bytes):
+                self._show(f"[binary {len(data)} bytes]")
+            elif self.structured:
+                self._receive_object(data)
+            else:
+                self._show(data)
+
+    def _receive_object(self, data: str) -> None:
+        """Show a ``broadcast.v1`` object as the line a plain-text server would have sent."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            self._show(data)  # not an object of ours: shown as it came (escaped at a terminal)
+            return
+        kind = obj.get("kind")
+        if isinstance(obj.get("id"), str):
+            self.last_id = obj["id"]
+        ts = obj.get("ts")
+        if not isinstance(ts, (int, float)) or not 0 <= ts <= MAX_TS_S:
+            ts = None  # shown with the time it arrived
+        if kind == "gap":
+            self.gap = obj
+            return
+        if kind == "error":
+            self._note(f"refused by the server: {_bounded(str(obj.get('reason')))}")
+            return
+        if kind not in SHOWN_KINDS:
+            return  # a kind of a later version
+        if kind == "history" and self.replay is not None:
+            self.replay.append((_said(obj), ts))
+            return
+        self._resumed()
+        if kind == "presence":
+            self._answer_who(obj)
+        elif kind in ("join", "leave"):
+            self._show(f"* {obj.get('from')} {'joined' if kind == 'join' else 'left'}", ts)
+        else:
+            self._show(_said(obj), ts)
+
+    def _resumed(self) -> None:
+        """The first live object ends a resume's replay: say how it went, then show what it recovered."""
+        if self.replay is not None:
+            replay, self.replay = self.replay, None
+            self._note(_resume_line(len(replay), self.gap))
+            for line, ts in replay:
+                self._show(line, ts)
+        self.joined.set()
+
+    def _answer_who(self, presence: dict) -> None:
+        with self.cond:
+            if not self.whos:
+                return  # the one after the history on joining
+            self.whos -= 1
+        users = presence.get("users")
+        names = [str(name).translate(_VISIBLE) for name in users] if isinstance(users, list) else []
+        anonymous = presence.get("anonymous")
+        if isinstance(anonymous, int) and anonymous:
+            names.append(f"{anonymous} anonymous")
+        self._note(f"in {_bounded(str(presence.get('room')))}: {', '.join(names) or 'nobody'}")
+
+    def _resumable(self, exc: ConnectionClosed) -> bool:
+        """Whether the server wants us back, or the network lost us; never after the user's own close."""
+        with self.cond:
+            if not self.structured or not self.args.reconnect_timeout or self.closing or self.status is not None:
+                return False
+        if exc.rcvd is not None:
+            return exc.rcvd.code in RESUME_CLOSE_CODES
+        return exc.sent is None or exc.sent.code == KEEPALIVE_CLOSE_CODE
+
+    def _reconnect(self, why: str) -> tuple[int, str | None] | None:
+        """Connect again, backing off, to resume after the last id; None once resumed, else how the session ends."""
+        self._note(f"{why}; reconnecting")
+        deadline = time.monotonic() + self.args.reconnect_timeout
+        delay = RECONNECT_FIRST_DELAY_S
+        while True:
+            if self.stopped.wait(random.uniform(delay / 2, delay)):
+                return 0, None  # the user ended the session; it has said so
+            try:
+                ws = _connect(_with_query(self.url, since=self.last_id, session=self.token),
+                              self.args, self.tls, self.headers)
+            except InvalidStatus as exc:
+                if exc.response.status_code < 500:  # refused, not overloaded: asking again changes nothing
+                    return 1, _refusal(redact_url(self.url), exc)
+                reason = f"HTTP {exc.response.status_code}"
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                reason = _reason(exc)
+            else:
+                return self._resume_on(ws)
+            if time.monotonic() >= deadline:
+                return 1, (f"{PROG}: gave up reconnecting to {redact_url(self.url)} after "
+                           f"{self.args.reconnect_timeout:g} s: {reason}")
+            delay = min(RECONNECT_MAX_DELAY_S, delay * RECONNECT_BACKOFF_FACTOR)
+
+    def _resume_on(self, ws) -> tuple[int, None] | None:
+        with self.cond:
+            stale = self.closing
+            if not stale:
+                self._use(ws)
+                self.replay, self.gap = ([] if self.structured else None), None
+                self.cond.notify_all()
+        if stale:
+            ws.close()
+            return 0, None
+        if self.replay is None:  # the server no longer speaks broadcast.v1: no ids to resume from
+            self._note(_resume_line(0, {"missed": None}))
+        return None
+
+    def _show(self, text: str, ts: float | None = None) -> None:
         with self.cond:
             own = bool(self.expected) and self.expected[0] == text
             if own:
@@ -346,14 +576,15 @@ class Session:
             if not self.to_terminal:
                 sys.stdout.write(text + "\n")  # the transcript: byte for byte
             else:
-                sys.stdout.write(self._styled(text, own))
+                sys.stdout.write(self._styled(text, own, ts))
             sys.stdout.flush()
 
-    def _styled(self, text: str, own: bool) -> str:
+    def _styled(self, text: str, own: bool, ts: float | None) -> str:
         first, *rest = (line.translate(_VISIBLE) for line in _split_message(text))
         fragments = []
         if self.args.timestamps:
-            fragments.append(("class:time", time.strftime("%H:%M:%S ")))
+            # The server's time where it says (broadcast.v1), else the arrival's.
+            fragments.append(("class:time", time.strftime("%H:%M:%S ", time.localtime(ts))))
         if own:
             fragments.append(("class:own", "\n".join([first, *(CONTINUATION_INDENT + r for r in rest)])))
         else:
@@ -380,6 +611,7 @@ class Session:
             if self.closing or self.status is not None:
                 return False
             self.status = status
+            self.cond.notify_all()  # a send waiting out a reconnection gives up
             if message is not None:
                 sys.stderr.write(message + "\n")
                 sys.stderr.flush()
@@ -388,9 +620,11 @@ class Session:
     def _close(self) -> int:
         with self.cond:
             self.closing = self.status is None
+            ws = self.ws
+        self.stopped.set()
         # Sends our close frame unless the connection is already closed, and
         # waits at most CLOSE_TIMEOUT_S for the server's answer.
-        self.ws.close()
+        ws.close()
         self.reader_done.wait(CLOSE_TIMEOUT_S)
         return 0 if self.closing else self.status
 
@@ -437,6 +671,17 @@ def _headers(args) -> list[tuple[str, str]]:
     return headers
 
 
+def _connect(url: str, args, tls: ssl.SSLContext | None, headers: list[tuple[str, str]]):
+    """The WebSocket to ``url``, asking for broadcast.v1; the library's exception if none."""
+    # No Origin header unless asked: that is how a server tells a program
+    # from a browser page, and an origin list on the server is for pages.
+    return connect(
+        url, ssl=tls if url.startswith("wss:") else None, origin=args.origin, subprotocols=[SUBPROTOCOL],
+        additional_headers=headers, open_timeout=args.connect_timeout or None, close_timeout=CLOSE_TIMEOUT_S,
+        max_size=args.max_message_size or None, compression=None, proxy=None,
+    )
+
+
 def _refusal(shown: str, exc: InvalidStatus) -> str:
     status = exc.response.status_code
     body = " ".join(exc.response.body.decode("utf-8", "replace").split())
@@ -451,10 +696,11 @@ def _refusal(shown: str, exc: InvalidStatus) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_client_args(argv)
     try:
-        url = server_url(args.addr, args.username)
+        url = server_url(args.addr, args.username, args.room)
         headers = _headers(args)
     except ValueError as exc:
-        message = str(exc) if str(exc).startswith("invalid --header") else f"invalid --addr {redact_url(args.addr)!r}: {exc}"
+        message = str(exc) if str(exc).startswith(("invalid --header", "invalid --room")) else \
+            f"invalid --addr {redact_url(args.addr)!r}: {exc}"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     try:
@@ -470,13 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(errors="replace")
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        # No Origin header unless asked: that is how a server tells a program
-        # from a browser page, and an origin list on the server is for pages.
-        ws = connect(
-            url, ssl=tls if url.startswith("wss:") else None, origin=args.origin,
-            additional_headers=headers, open_timeout=args.connect_timeout or None, close_timeout=CLOSE_TIMEOUT_S,
-            max_size=args.max_message_size or None, compression=None, proxy=None,
-        )
+        # A transcript (a pipe, a file) starts where it starts, as before rooms
+        # had history; a person at a terminal gets the room's history first.
+        ws = _connect(url if sys.stdout.isatty() else _with_query(url, history="0"), args, tls, headers)
     except KeyboardInterrupt:
         return 130
     except InvalidStatus as exc:
@@ -491,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot connect to {shown}: {_reason(exc)}", file=sys.stderr)
         return 1
     with ws:
-        return Session(ws, url, args, tls).run()
+        return Session(ws, url, args, tls, headers).run()
 
 
 if __name__ == "__main__":

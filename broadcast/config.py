@@ -87,11 +87,13 @@ class ServerConfig:
 @dataclass(frozen=True)
 class ClientConfig:
     addr: str
+    room: str | None
     username: str | None
     token: str | None
     ca_file: str | None
     linger: float
     connect_timeout: float
+    reconnect_timeout: float
     listen_only: bool
     max_message_size: int
     no_color: bool
@@ -385,6 +387,8 @@ def client_parser() -> OneLineParser:
     p = _parser("client", "Interactive chat client for a broadcast server.")
     p.add_argument("--addr", default="localhost:8080",
                    help="HOST:PORT of the server, or a full ws:// or wss:// URL (default %(default)s)")
+    p.add_argument("--room", default=None,
+                   help="join this room: /ROOM after the address's path (default: the server's default room)")
     p.add_argument("--username", default=None, help="name shown with your messages")
     p.add_argument("--token", default=None, help="sent as 'Authorization: Bearer TOKEN' (server --token)")
     p.add_argument("--ca-file", default=None, metavar="PEM",
@@ -395,6 +399,9 @@ def client_parser() -> OneLineParser:
     p.add_argument("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="to resolve, connect and finish the whole handshake, however slowly it trickles; "
                         "0 waits forever (default %(default)s)")
+    p.add_argument("--reconnect-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="after a lost connection or a server restart, keep reconnecting for at most this long, "
+                        "resuming where the session left off; 0 never reconnects (default %(default)s)")
     p.add_argument("--listen-only", action="store_true",
                    help="read no input: print what arrives until the server or a signal ends it")
     p.add_argument("--max-message-size", type=size, default=4 * MIB, metavar="BYTES",

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from support.process import CLIENT, ROOT, ClientProcess, Lines, clean_env, run
+from support.process import CLIENT, ROOT, Lines, clean_env, run
 from support.rawws import accept_for, build_frame, close_payload
 
 from broadcast.client import CONTINUATION_INDENT as CONTINUATION
@@ -45,19 +45,6 @@ ENV = clean_env()
 
 def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
     return run(CLIENT, *args, env=ENV, input=input, timeout=timeout)
-
-
-@pytest.fixture
-def piped():
-    clients: list[ClientProcess] = []
-
-    def start(*args: str) -> ClientProcess:
-        clients.append(ClientProcess(*args, env=ENV))
-        return clients[-1]
-
-    yield start
-    for client in clients:
-        client.kill()
 
 
 @pytest.fixture
@@ -275,10 +262,13 @@ def test_interactive_quit_sends_close_1000(key, recording_server, terminal):
     assert "Traceback" not in child.screen.getvalue()
 
 
-# The server goes away
+# The server goes away (and the client, told not to reconnect, ends: test_client_rooms.py has the rest)
+
+NO_RECONNECT = ("--reconnect-timeout", "0")
+
 
 def test_interactive_server_shutdown(server, terminal):
-    child = terminal("--addr", server.addr, "--username", "Alice")
+    child = terminal("--addr", server.addr, "--username", "Alice", *NO_RECONNECT)
     prompted(child)
     child.send("hal")
     child.expect_exact("hal")
@@ -291,7 +281,7 @@ def test_interactive_server_shutdown(server, terminal):
 
 
 def test_interactive_server_killed(server, terminal):
-    child = terminal("--addr", server.addr, "--username", "Alice")
+    child = terminal("--addr", server.addr, "--username", "Alice", *NO_RECONNECT)
     prompted(child)
     server.stop(signal.SIGKILL)
     child.expect(r"connection lost: [^\r\n]+\r\n")
@@ -306,7 +296,7 @@ def test_interactive_server_killed(server, terminal):
     (signal.SIGKILL, "connection lost: ", 1),
 ])
 def test_pipe_server_goes_away_while_input_is_open(server, piped, sig, line, status):
-    client = piped("--addr", server.addr, "--username", "Bob")
+    client = piped("--addr", server.addr, "--username", "Bob", *NO_RECONNECT)
     client.send("hi")
     client.stdout.expect("[Bob] hi")
     server.stop(sig)
@@ -689,7 +679,7 @@ def test_unknown_command_is_not_sent_and_double_slash_sends_one(server, observer
 
 def test_who_gives_the_online_count(server, observer):
     result = run_client("--addr", server.addr, input="/who\n")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", "2 online\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "in lobby: 2 anonymous\n")
 
 
 # Limits without hanging up
