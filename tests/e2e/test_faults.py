@@ -211,7 +211,8 @@ def test_shutdown_timeout_drops_clients_that_never_close(start_server):
 
 def test_client_reports_a_killed_server_without_traceback(start_server):
     server = start_server()
-    client = ClientProcess("--addr", server.addr, "--username", "survivor")
+    # Told not to reconnect: how a session ends (test_client_rooms.py has the reconnection).
+    client = ClientProcess("--addr", server.addr, "--username", "survivor", "--reconnect-timeout", "0")
     out, err = client.stdout.lines, client.stderr.lines
     try:
         wait_joined(server, 1, WAIT)
