@@ -229,7 +229,7 @@ def table(summary: dict, target_rows: list[dict], missing: dict | None = None) -
         head = f"{NAMES[kind]:<16} " + " ".join(f"{label:>9}" for _, label in CPU)
         lines += [head, "-" * len(head)]
         for scenario, s in summary.items():
-            if kind not in s["median"]:
+            if s["median"].get(kind, {}).get("server_cpu_pct") is None:  # history-*: CPU per variant only
                 continue
             cells = [fmt(s["median"].get(kind, {}).get(key), "{:.0f}") for key, _ in CPU]
             lines.append(f"{scenario:<16} " + " ".join(f"{c:>9}" for c in cells))

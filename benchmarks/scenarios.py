@@ -502,9 +502,10 @@ def history_join(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """Time from starting a connection with ``?history=N`` to holding the Nth history message.
 
     Ours only. One client fills the default room with N messages (and gets
-    them back, so they are all in history), then joiners one at a time
-    each time their connect, handshake and N messages; every joiner's
-    messages are checked for loss and order like the load processes'.
+    them back, so they are all in history), then joiners, one at a time,
+    are each timed from connect through the handshake to the Nth message;
+    every joiner's messages are checked for loss and order like the load
+    processes'.
     """
     if kind != "ours":
         raise ValueError("history-join runs our server only")
