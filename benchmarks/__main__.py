@@ -74,6 +74,17 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
         parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
                      f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
         return ", ".join(parts)
+    if scenario == "history-fanout":
+        parts.append(f"history off {m['off_deliveries_per_s']:,.0f}, on {m['on_deliveries_per_s']:,.0f} "
+                     f"deliveries/s ({m['on_vs_off']:.1%}), lost {m['off_lost']}+{m['on_lost']} "
+                     f"undelivered {m['off_undelivered']}+{m['on_undelivered']} "
+                     f"ooo {m['off_out_of_order']}+{m['on_out_of_order']}")
+        return ", ".join(parts)
+    if scenario == "history-join":
+        parts.append(f"join to {m['history_messages']} history messages: median {m['join_history_p50_ms']:.2f} ms "
+                     f"over {m['joins']} joins (max {m['join_history_max_ms']:.2f}), "
+                     f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']}")
+        return ", ".join(parts)
     if scenario == "capacity":
         parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s "
                      f"(first ones {report.fmt(m['connect_first_per_s'], '{:,.0f}')}/s), "

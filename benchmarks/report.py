@@ -40,6 +40,13 @@ SHOWN = {
                       ("slow_disconnect_s", "slow one dropped after s", "{:.1f}"),
                       ("lost", "lost (others)", "{:,.0f}"),
                       ("undelivered", "undelivered (others)", "{:,.0f}")],
+    # Ours only (the peers keep no history): fanout-100 with --history-size 0, then the default.
+    "history-fanout": [("off_deliveries_per_s", "deliveries/s, history off", "{:,.0f}"),
+                       ("on_deliveries_per_s", "deliveries/s, history on", "{:,.0f}"),
+                       ("on_vs_off", "on / off", "{:.3f}"),
+                       *[("on_" + key, label + ", on", spec) for key, label, spec in CHECKS]],
+    "history-join": [("join_history_p50_ms", "join to 100th history ms", "{:.2f}"),
+                     ("join_history_max_ms", "  slowest join ms", "{:.2f}"), *CHECKS],
 }
 # Scenarios of our server alone (no peer has a Redis mode): one
 # column per variant, ratios to our own single node without Redis measured
@@ -155,6 +162,8 @@ def targets(summary: dict, plan) -> list[dict]:
               if k.endswith(("lost", "out_of_order")) and v is not None]
     check("no loss, no reordering, in any scenario (ours)", sum(faults) if faults else None,
           lambda v: v == 0, lambda v: f"{v:,.0f} lost or out of order")
+    kept = get("history-fanout", "ours", "on_vs_off")
+    check("history on: fan-out >= 90 % of history off", kept, lambda v: v >= 0.9, lambda v: f"{v:.1%}")
     kept = get("slow-consumer", "ours", "kept_deliveries")
     check("slow consumer: others keep >= 90% deliveries/s", kept, lambda v: v >= 0.9, lambda v: f"{v:.1%}")
     slower = get("slow-consumer", "ours", "p99_vs_baseline")
@@ -220,7 +229,7 @@ def table(summary: dict, target_rows: list[dict], missing: dict | None = None) -
         head = f"{NAMES[kind]:<16} " + " ".join(f"{label:>9}" for _, label in CPU)
         lines += [head, "-" * len(head)]
         for scenario, s in summary.items():
-            if kind not in s["median"]:
+            if s["median"].get(kind, {}).get("server_cpu_pct") is None:  # history-*: CPU per variant only
                 continue
             cells = [fmt(s["median"].get(kind, {}).get(key), "{:.0f}") for key, _ in CPU]
             lines.append(f"{scenario:<16} " + " ".join(f"{c:>9}" for c in cells))

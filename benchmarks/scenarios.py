@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from . import wire
 from .loadgen import Job, LoadPool, Publisher
 from .servers import HOST, ServerProcess, machine_idle_seconds
 
@@ -68,6 +71,12 @@ CAPACITY_DIAL_CONCURRENCY = 64
 DRAIN_S = 5.0
 # Extra time the coordinator allows the load processes to report.
 RESULT_MARGIN_S = 30.0
+# history-join: the room is filled with this many messages (our default
+# --history-size), then each of this many joiners asks for them all ...
+HISTORY_MESSAGES = 100
+HISTORY_JOINS = 50
+# ... and one fill or join that takes longer than this is broken, not slow.
+HISTORY_JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -233,14 +242,15 @@ def _drive(ctx: Context, pool: LoadPool, server: ServerProcess, jobs: list[Job],
     return out
 
 
-def fanout(subscribers: int):
+def fanout(subscribers: int, ours_args: tuple[str, ...] = ()):
+    """The fan-out load; ``ours_args``: extra flags for our server (history-fanout's variants)."""
     window = max(FANOUT_WINDOW_MIN_MSGS, FANOUT_INFLIGHT_DELIVERIES // subscribers)
 
     # The gorilla hub drops a client whose send channel is full, and Go
     # allocates that channel whole at connect, so its size is the peer's to
     # choose per load: the window, since no client is ever more than the
     # window behind (elsewhere the example's 256 holds every load).
-    extra = {"gorilla": ("-send-buffer", str(window))}
+    extra = {"gorilla": ("-send-buffer", str(window)), "ours": ours_args}
 
     def run(kind: str, pool: LoadPool, ctx: Context) -> dict:
         plan = ctx.plan
@@ -415,6 +425,115 @@ def slow_consumer(kind: str, pool: LoadPool, ctx: Context) -> dict:
     return out
 
 
+_HISTORY_VARIANTS = {"off_": fanout(100, ("--history-size", "0")), "on_": fanout(100)}
+
+
+def history_fanout(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    """fanout-100 on our server with history off, then on (default size), alternating which goes first.
+
+    Ours only: the peers keep no history. Metrics are prefixed ``off_``/``on_``.
+    """
+    if kind != "ours":
+        raise ValueError("history-fanout runs our server only")
+    turn = ctx.turns.get("history-fanout", 0)
+    ctx.turns["history-fanout"] = turn + 1
+    order = list(_HISTORY_VARIANTS)[::-1 if turn % 2 else 1]
+    out = {}
+    for prefix in order:
+        out.update({prefix + k: v for k, v in _HISTORY_VARIANTS[prefix](kind, pool, ctx).items()
+                    if k != "slow_ports"})
+    out["on_vs_off"] = out["on_deliveries_per_s"] / out["off_deliveries_per_s"]
+    return out
+
+
+def _frames_until(sock: socket.socket, want: int, buf: bytes = b"") -> tuple[list[bytes], bytes]:
+    """Read until ``want`` text frames have come; return their payloads and what came after."""
+    got: list[bytes] = []
+    while True:
+        frames, used = wire.split_frames(buf)
+        for opcode, start, end in frames:
+            if opcode == wire.OP_CLOSE:
+                raise RuntimeError("the server closed a history client")
+            if opcode == wire.OP_TEXT:
+                got.append(buf[start:end])
+        buf = buf[used:]
+        if len(got) >= want:
+            return got, buf
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("the server ended a history client's connection")
+        buf += data
+
+
+def _history_client(port: int, query: str = "") -> tuple[socket.socket, bytes]:
+    """A connected, upgraded blocking client of the default room, and the bytes behind the 101."""
+    sock = socket.create_connection((HOST, port), timeout=HISTORY_JOIN_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(wire.handshake_request(HOST, port, wire.WS_PATH + query))
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data or len(buf) > wire.MAX_RESPONSE_BYTES:
+            sock.close()
+            raise RuntimeError("no WebSocket handshake from the server")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not wire.handshake_ok(head):
+        sock.close()
+        raise RuntimeError(f"handshake refused: {head.splitlines()[0]!r}")
+    return sock, rest
+
+
+def _sequence_check(payloads: list[bytes]) -> dict:
+    """Loss and order of one client's messages from publisher 0, expected as seq 0, 1, 2, ..."""
+    lost = ooo = 0
+    next_seq = 0
+    for data in payloads:
+        _, seq, _ = wire.fields(data, 0)
+        if seq < next_seq:
+            ooo += 1
+            continue
+        lost += seq - next_seq
+        next_seq = seq + 1
+    return {"lost": lost, "out_of_order": ooo, "undelivered": max(0, HISTORY_MESSAGES - next_seq)}
+
+
+def history_join(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    """Time from starting a connection with ``?history=N`` to holding the Nth history message.
+
+    Ours only. One client fills the default room with N messages (and gets
+    them back, so they are all in history), then joiners, one at a time,
+    are each timed from connect through the handshake to the Nth message;
+    every joiner's messages are checked for loss and order like the load
+    processes'.
+    """
+    if kind != "ours":
+        raise ValueError("history-join runs our server only")
+    with started(kind, ctx.log) as server:
+        filler, rest = _history_client(server.port)
+        with filler:
+            filler.sendall(b"".join(wire.client_frame(wire.payload(0, seq, 0, SMALL_SIZE_BYTES))
+                                    for seq in range(HISTORY_MESSAGES)))
+            echoed, _ = _frames_until(filler, HISTORY_MESSAGES, rest)
+            totals = _sequence_check(echoed)
+            times_ns = []
+            for _ in range(HISTORY_JOINS):
+                t0 = time.monotonic_ns()
+                sock, rest = _history_client(server.port, f"?history={HISTORY_MESSAGES}")
+                with sock:
+                    got, _ = _frames_until(sock, HISTORY_MESSAGES, rest)
+                    times_ns.append(time.monotonic_ns() - t0)
+                for k, v in _sequence_check(got[:HISTORY_MESSAGES]).items():
+                    totals[k] += v
+    return {
+        "join_history_p50_ms": statistics.median(times_ns) / 1e6,
+        "join_history_max_ms": max(times_ns) / 1e6,
+        "joins": len(times_ns),
+        "history_messages": HISTORY_MESSAGES,
+        **totals,
+    }
+
+
 SCENARIOS = {
     "fanout-10": fanout(10),
     "fanout-100": fanout(100),
@@ -424,7 +543,9 @@ SCENARIOS = {
     "many-publishers": many_publishers,
     "capacity": capacity,
     "slow-consumer": slow_consumer,
+    "history-fanout": history_fanout,
+    "history-join": history_join,
 }
 # Which servers each scenario runs against (default: all, in turn, every repeat).
 KINDS = ("ours", "ref", "picows", "socketify", "gorilla")
-SCENARIO_KINDS = {"redis-latency": ("ours",)}
+SCENARIO_KINDS = {"redis-latency": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}

@@ -36,9 +36,9 @@ PAYLOAD_MIN_BYTES = 39
 MAX_PUBLISHERS = 9999
 
 
-def handshake_request(host: str, port: int) -> bytes:
+def handshake_request(host: str, port: int, path: str = WS_PATH) -> bytes:
     return (
-        f"GET {WS_PATH} HTTP/1.1\r\n"
+        f"GET {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
         "Upgrade: websocket\r\n"
         "Connection: Upgrade\r\n"
