@@ -8,7 +8,6 @@ killed with SIGKILL.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -16,20 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from pytest_redis.config import get_config
 
-from tests.redis_support import NOT_INSTALLED, TestRedis, clean_env
-
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    from broadcast.bus import streams
-except ImportError:  # until the re-layer makes broadcast/bus.py the package broadcast/bus/
-    _spec = importlib.util.spec_from_file_location("broadcast.bus.streams", ROOT / "broadcast/bus/streams.py")
-    streams = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(streams)
+from broadcast.bus import streams
+from support.process import ROOT, clean_env
+from support.redis import NOT_INSTALLED, TestRedis
 
 pytestmark = pytest.mark.redis
 
@@ -336,9 +328,8 @@ def test_presence_and_names_outlive_the_ttl_while_the_heartbeat_runs(nodes):
 
 
 DYING_NODE = """
-import sys, time, importlib.util
-spec = importlib.util.spec_from_file_location("streams", "broadcast/bus/streams.py")
-streams = importlib.util.module_from_spec(spec); spec.loader.exec_module(streams)
+import sys, time
+from broadcast.bus import streams
 bus = streams.StreamsBus(sys.argv[1], "dying", lambda e: None, lambda *g: None, presence_ttl_s=float(sys.argv[2]))
 bus.start()
 bus.set_presence("room", ["Carol"], 2)
