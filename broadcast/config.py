@@ -62,6 +62,12 @@ class ServerConfig:
     rate_burst: int
     max_connections_per_ip: int
     require_username: bool
+    max_rooms: int
+    history_size: int  # messages per room; 0 keeps none
+    history_bytes: int  # per room
+    history_total_bytes: int  # across rooms
+    history_ttl: float  # seconds; 0 is no expiry
+    allow_duplicate_names: bool
     redis_url: str | None
     redis_channel: str
     redis_optional: bool
@@ -328,6 +334,23 @@ def server_parser() -> OneLineParser:
                           help="connections one address may hold; past it HTTP 429; 0 means off (default off)")
     security.add_argument("--require-username", action="store_true",
                           help="refuse anonymous clients, who could otherwise type '[Bob] hi' and pass as Bob")
+    rooms = p.add_argument_group("rooms and history")
+    rooms.add_argument("--max-rooms", type=positive_count, default=10000,
+                       help="rooms that may exist at once (a room exists while it has members or history); "
+                            "a new one past it gets HTTP 503 (default %(default)s)")
+    rooms.add_argument("--history-size", type=count, default=100, metavar="MSGS",
+                       help="messages each room keeps for joiners and reconnecting clients; 0 keeps none "
+                            "(default %(default)s)")
+    rooms.add_argument("--history-bytes", type=positive_size, default=1 * MIB, metavar="BYTES",
+                       help="bytes each room's history may hold (default %(default)s)")
+    rooms.add_argument("--history-total-bytes", type=positive_size, default=64 * MIB, metavar="BYTES",
+                       help="bytes all rooms' histories may hold; past it the largest rooms lose their "
+                            "oldest messages first (default %(default)s)")
+    rooms.add_argument("--history-ttl", type=seconds, default=0.0, metavar="SECONDS",
+                       help="a kept message expires after this long; 0 keeps it until it is pushed out "
+                            "(default off)")
+    rooms.add_argument("--allow-duplicate-names", action="store_true",
+                       help="let two clients in one room use the same name (by default the second gets 409)")
     nodes = p.add_argument_group("several servers")
     nodes.add_argument("--redis-url", type=_redis_url, default=None, metavar="redis://HOST:PORT/DB",
                        help="share one room with every server on this Redis (default: this server alone)")

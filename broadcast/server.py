@@ -27,8 +27,8 @@ from . import logs
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
-from .chat.app import ChatApp
-from .chat.rooms import Rooms
+from .chat.app import ROOMS_PATH, ChatApp
+from .chat.rooms import Rooms, RoomSettings
 from .config import ServerConfig, parse_server_args
 from .net.connection import WIRE_LOG
 from .net.http import Reply
@@ -50,13 +50,16 @@ class Server:
         self.config = config
         tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.node_id = uuid.uuid4().hex[:12]
-        self.rooms = Rooms()
+        settings = RoomSettings(config.history_size, config.history_bytes, config.history_ttl,
+                                config.allow_duplicate_names)
+        self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id)
         else:
             self.bus = LocalBus(self.rooms)
         app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
-        self.listener = Listener(config, app, {HEALTH_PATH: self._health}, tls)
+        routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
+        self.listener = Listener(config, app, routes, tls)
 
     def _health(self, request) -> Reply:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
@@ -95,6 +98,13 @@ class Server:
         self.listener.shutdown(deadline)
         self.bus.close(deadline)  # a frozen Redis cannot stretch the shutdown
         log.info("stopped")
+
+
+def _json(handler):
+    """A route answering with ``handler(request)``'s dict as JSON (it raises Refused to refuse)."""
+    def route(request) -> Reply:
+        return Reply(200, "application/json", (json.dumps(handler(request)) + "\n").encode())
+    return route
 
 
 def _raise_open_file_limit() -> None:

@@ -1,9 +1,10 @@
-"""What every bus offers, and the one encoding of a frame they all deliver.
+"""What every bus offers.
 
 ``local.LocalBus`` hands a message straight to this node's room.
 ``redis.RedisBus`` sends it round through Redis first, so that every node,
 this one included, delivers the same messages in the one order Redis gives
-them. A bus delivers into rooms (``rooms[name].broadcast(frame, skip)``),
+them. A bus delivers into rooms (``rooms[name].deliver(opcode, payload,
+skip, sender, kind)``, where the room numbers, encodes and keeps it),
 given to it as an object; it imports neither the engine nor the chat.
 """
 
@@ -11,19 +12,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from websockets.frames import Frame, Opcode
-
-
-def encode(opcode: Opcode, payload: bytes) -> bytes:
-    """One unmasked frame, built once and shared by every recipient."""
-    return Frame(opcode, payload).serialize(mask=False)
+from websockets.frames import Opcode
 
 
 class Bus(Protocol):
     state: str  # for /healthz: "off" (no Redis), "ok", "stalled" or "reconnecting"
 
-    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None) -> object | None:
+    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
+                sender: str | None = None, kind: str = "message") -> object | None:
         """Deliver to every member of ``room`` on every node, except member id ``skip`` (a joiner).
+
+        ``payload`` is the plain-text rendering ("[Alice] hi", "* Alice
+        joined"); ``sender`` and ``kind`` ("message", "join", "leave") let the
+        room build the structured object from it.
 
         Returns what ``settle`` takes to wait for the sender's own copy, or
         None when it is already in the sender's outbox.

@@ -2,12 +2,15 @@
 
 ::
 
-    {"v": 2, "node": "3f2a9c1e4b7d", "seq": 17, "op": "text", "room": "lobby"}\\n[Alice] hi
+    {"v": 2, "node": "3f2a9c1e4b7d", "seq": 17, "op": "text", "room": "lobby", "from": "Alice",
+     "kind": "message"}\\n[Alice] hi
 
 ``op`` is ``text``, ``binary`` or ``sync`` (the watchdog's, with no
 payload); the payload is the message exactly as clients get it, already
 attributed. ``node`` and ``seq`` name the message once and for all.
-``room`` says whose members get it; an envelope without one (version 1,
+``from`` and ``kind`` (message, join or leave) let a room build the
+structured object from the plain payload; without them (older nodes) it is
+an anonymous message. ``room`` says whose members get it; an envelope without one (version 1,
 or a node from before rooms) is for the default room. Version 1 envelopes
 (no ``seq``, a ``skip`` instead) are still delivered. Pure: no Redis, no
 threads, so it is tested as a format.
@@ -33,10 +36,17 @@ class Envelope:
     opcode: Opcode | None  # None for a sync
     room: str | None  # None: the default room
     payload: bytes
+    sender: str | None = None
+    kind: str = "message"
 
 
-def encode(node: str, seq: int, room: str, opcode: Opcode, payload: bytes) -> bytes:
-    header = {"v": VERSION, "node": node, "seq": seq, "op": _OPS[opcode], "room": room}
+_KINDS = frozenset({"message", "join", "leave"})
+
+
+def encode(node: str, seq: int, room: str, opcode: Opcode, payload: bytes,
+           sender: str | None = None, kind: str = "message") -> bytes:
+    header = {"v": VERSION, "node": node, "seq": seq, "op": _OPS[opcode], "room": room,
+              "from": sender, "kind": kind}
     return json.dumps(header).encode() + b"\n" + payload
 
 
@@ -61,7 +71,10 @@ def decode(data: bytes) -> Envelope | None:
         room = header.get("room")
         if room is not None and type(room) is not str:
             raise TypeError("a room is a name")
+        sender, kind = header.get("from"), header.get("kind", "message")
+        if (sender is not None and type(sender) is not str) or kind not in _KINDS:
+            raise TypeError("a sender is a name, and a kind one of ours")
         opcode = None if op == SYNC and seq is not None else _OPCODES[op]
     except (ValueError, KeyError, TypeError):
         return None
-    return Envelope(node, seq, opcode, room, payload)
+    return Envelope(node, seq, opcode, room, payload, sender, kind)

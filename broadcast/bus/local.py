@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from websockets.frames import Opcode
 
-from .base import encode
-
 
 class LocalBus:
     state = "off"  # no Redis: for /healthz
@@ -13,13 +11,17 @@ class LocalBus:
     def __init__(self, rooms) -> None:
         self._rooms = rooms
 
-    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None) -> None:
+    def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
+                sender: str | None = None, kind: str = "message") -> None:
         """Deliver to every member of ``room`` except member id ``skip`` (a joiner or leaver).
 
         Returns None: the sender's own copy is in its outbox already, so
-        there is nothing to settle.
+        there is nothing to settle. A room its last member just left may be
+        gone: then there is no one to tell.
         """
-        self._rooms[room].broadcast(encode(opcode, payload), skip)
+        target = self._rooms.get(room)
+        if target is not None:
+            target.deliver(opcode, payload, skip, sender, kind)
 
     def settle(self, pending: object) -> None:
         """Nothing is ever in flight here."""

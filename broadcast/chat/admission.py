@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from ..net.app import Refused, request_target
-from .names import WS_PATH
+from .ids import BadId, MessageId, parse_id
+from .names import DEFAULT_ROOM, WS_PATH, RoomPathError, room_from_path
 
 MAX_NAME_CHARS = 32
 # Control, format (bidi overrides, zero-width) and line/paragraph separators
@@ -38,6 +39,10 @@ class Policy:
 @dataclass(frozen=True)
 class Admission:
     username: str | None
+    room: str = DEFAULT_ROOM
+    history: int | None = None  # ?history=N: how many past messages to replay; None: the protocol's default
+    since: MessageId | None = None  # ?since=ID: recover what came after it
+    session: str | None = None  # ?session=TOKEN: take a name over from a former connection
 
 
 def name_problem(name: str) -> str | None:
@@ -72,27 +77,70 @@ def _authorized(token: str, headers, query: dict[str, list[str]]) -> bool:
     return hmac.compare_digest(presented[0].encode(), token.encode())
 
 
-def admit(path: str, headers, policy: Policy) -> Admission:
-    """Check the request target and credentials; raise Refused, or say who is joining."""
-    target = request_target(path, headers)
-    if target.path != WS_PATH:
-        raise Refused(http.HTTPStatus.NOT_FOUND, f"no WebSocket at {target.path}; use {WS_PATH}")
+def _query(target) -> dict[str, list[str]]:
     try:
-        query = parse_qs(target.query, keep_blank_values=True, strict_parsing=False,
-                         errors="strict", max_num_fields=16)
+        return parse_qs(target.query, keep_blank_values=True, strict_parsing=False,
+                        errors="strict", max_num_fields=16)
     except (ValueError, UnicodeDecodeError):
         raise Refused(http.HTTPStatus.BAD_REQUEST, "malformed query string") from None
+
+
+def _check_token(headers, query: dict[str, list[str]], policy: Policy) -> None:
     if policy.token is not None and not _authorized(policy.token, headers, query):
         raise Refused(http.HTTPStatus.UNAUTHORIZED, "missing or invalid token",
                       (("WWW-Authenticate", 'Bearer realm="broadcast"'),))
+
+
+def authorize(path: str, headers, policy: Policy) -> None:
+    """For the plain HTTP routes that show who is where: the same token as the WebSocket, or Refused."""
+    _check_token(headers, _query(request_target(path, headers)), policy)
+
+
+def _one(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, f"invalid {key}: given more than once")
+    return values[0]
+
+
+def _history(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit():
+        raise Refused(http.HTTPStatus.BAD_REQUEST, "invalid history: must be a whole number of messages")
+    return int(text)
+
+
+def _since(text: str | None) -> MessageId | None:
+    if text is None:
+        return None
+    try:
+        return parse_id(text)
+    except BadId as exc:
+        raise Refused(http.HTTPStatus.BAD_REQUEST, f"invalid since: {exc}") from None
+
+
+def admit(path: str, headers, policy: Policy) -> Admission:
+    """Check the request target and credentials; raise Refused, or say who is joining which room."""
+    target = request_target(path, headers)
+    try:
+        room = room_from_path(target.path)
+    except RoomPathError as exc:
+        raise Refused(exc.status, exc.reason) from None
+    query = _query(target)
+    _check_token(headers, query, policy)
+    extra = dict(room=room, history=_history(_one(query, "history")), since=_since(_one(query, "since")),
+                 session=_one(query, "session"))
     names = query.get("username")
     if names is None:
         if policy.require_username:
             raise Refused(http.HTTPStatus.BAD_REQUEST, "username required: connect to /ws?username=NAME")
-        return Admission(None)
+        return Admission(None, **extra)
     if len(names) > 1:
         raise Refused(http.HTTPStatus.BAD_REQUEST, "invalid username: given more than once")
     problem = name_problem(names[0])
     if problem:
         raise Refused(http.HTTPStatus.BAD_REQUEST, f"invalid username: {problem}")
-    return Admission(names[0])
+    return Admission(names[0], **extra)

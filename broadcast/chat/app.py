@@ -1,38 +1,59 @@
-"""The chat, as the engine's application: who may join, what a name adds, and the notices.
+"""The chat, as the engine's application: who may join which room, what a name adds, and the notices.
 
 The engine calls ``ChatApp`` (the ``net.app.Application`` calls) and hands
 it ``Member`` ports; the chat keeps what it knows of a client in its
 ``Session`` and never writes a connection's fields. Messages go to the bus,
 which delivers them into the rooms.
+
+A name is seated in its room at admission, under the room's lock, so that a
+second Alice is refused with 409 before any 101; the seat is given back if
+the handshake goes no further (``abandon``) or when the client leaves.
 """
 
 from __future__ import annotations
 
+import http
 import logging
-from dataclasses import dataclass
+import time
 
 from websockets.frames import Opcode
 
-from ..net.app import Admit, Member, Refused
-from . import admission
-from .rooms import Room, Rooms
+from ..net.app import Admit, Member, Refused, request_target
+from . import admission, structured
+from .ids import MessageId
+from .presence import REPLACED_CODE, REPLACED_REASON, NameTaken
+from .rooms import JOIN, LEAVE, Room, Rooms, prefix, text_frame
 
 log = logging.getLogger(__name__)
 
 # Handshake response header: how many are in the room, counting the one joining.
 ONLINE_HEADER = "Broadcast-Online"
+# Handshake response header: the token that lets a reconnecting client keep its name (?session=).
+SESSION_HEADER = "Broadcast-Session"
+ROOMS_PATH = "/rooms"  # GET: every room and its counts; GET /rooms/ROOM: who is in it
 
 
-@dataclass(frozen=True)
 class Session:
-    """What the chat knows of one client, from its handshake on."""
+    """What the chat knows of one client, from its handshake on; written by its reader thread only."""
 
-    username: str | None
-    prefix: bytes  # "[NAME] ", what the server puts before a named client's text; b"" if anonymous
-    room: Room
+    __slots__ = ("username", "prefix", "room", "history", "since", "structured", "member", "replaces",
+                 "replaced")
+
+    def __init__(self, username: str | None, history: int | None, since: MessageId | None) -> None:
+        self.username = username
+        self.prefix = prefix(username)  # "[NAME] ", what the server puts before a named client's text
+        self.room: Room | None = None  # set once seated
+        self.history = history
+        self.since = since
+        self.structured = False  # broadcast.v1, known once the 101 is built
+        self.member: Member | None = None  # once opened: what a resume closes
+        self.replaces: Session | None = None  # the former connection this one takes its name from
+        self.replaced = False  # taken over: it leaves without a notice (another thread sets it, once)
 
 
 class ChatApp:
+    subprotocols = (structured.SUBPROTOCOL,)
+
     def __init__(self, policy: admission.Policy, rooms: Rooms, bus) -> None:
         self.policy = policy
         self.rooms = rooms
@@ -40,30 +61,64 @@ class ChatApp:
 
     def admit(self, request, peer: str) -> Admit | Refused:
         try:
-            username = admission.admit(request.path, request.headers, self.policy).username
+            asked = admission.admit(request.path, request.headers, self.policy)
         except Refused as refused:
             return refused
-        room = self.rooms.default
-        prefix = f"[{username}] ".encode() if username is not None else b""
+        username = asked.username
+        session = Session(username, asked.history, asked.since)
+        try:
+            room, seated = self.rooms.seat(asked.room, session, username, asked.session)
+        except Refused as refused:
+            return refused
+        except NameTaken as taken:
+            return Refused(http.HTTPStatus.CONFLICT, taken.reason)
+        session.room = room
+        session.replaces = seated.replaced
         online = (ONLINE_HEADER, str(len(room) + 1))  # counting the one joining
-        return Admit(Session(username, prefix, room), f"{username or 'anonymous'}@{peer}", (online,))
+        headers = (online, (SESSION_HEADER, seated.token)) if seated.token else (online,)
+        return Admit(session, f"{username or 'anonymous'}@{peer} in {room.name}", headers)
+
+    def abandon(self, session: Session) -> None:
+        self.rooms.unseat(session.room, session)
 
     def opened(self, member: Member) -> None:
-        online = member.session.room.join(member)
+        session = member.session
+        session.member = member
+        session.structured = member.subprotocol == structured.SUBPROTOCOL
+        online = session.room.join(member, session.structured, session.history, session.since)
         log.info("connect %s (%d online)", member.label, online)
 
     def ready(self, member: Member) -> None:
         session = member.session
-        if session.username:
+        former = session.replaces
+        if former is not None:
+            # A resume: the name never left the room, so nobody hears of it coming or going.
+            former.replaced = True
+            if former.member is not None:
+                former.member.close(REPLACED_CODE, REPLACED_REASON)
+        elif session.username:
             self.bus.publish(session.room.name, Opcode.TEXT, f"* {session.username} joined".encode(),
-                             skip=member.id)
+                             skip=member.id, sender=session.username, kind=JOIN)
 
     def message(self, member: Member, opcode, payload: bytes) -> object | None:
         """Attribute the message and send it to the room; what ``settle`` takes, or None."""
         session = member.session
+        if opcode is Opcode.TEXT and session.structured:
+            text = payload.decode()
+            try:
+                request = structured.parse_client_frame(text)
+            except structured.BadFrame as bad:
+                session.room.tell(member, text_frame(structured.error(session.room.name, time.time(),
+                                                                      bad.reason)))
+                return None
+            if isinstance(request, structured.PresenceRequest):
+                session.room.tell_presence(member)
+                return None
+            if request.text is not text:  # a message object: its text is the message
+                payload = request.text.encode()
         if opcode is Opcode.TEXT and session.prefix:
             payload = session.prefix + payload
-        return self.bus.publish(session.room.name, opcode, payload)
+        return self.bus.publish(session.room.name, opcode, payload, sender=session.username)
 
     def settle(self, pending: object) -> None:
         self.bus.settle(pending)
@@ -73,7 +128,26 @@ class ChatApp:
 
     def closed(self, member: Member, why: str) -> None:
         session = member.session
-        online = session.room.leave(member)
+        room = session.room
+        online = room.leave(member, session)
         log.info("disconnect %s: %s (%d online)", member.label, why, online)
-        if session.username:
-            self.bus.publish(session.room.name, Opcode.TEXT, f"* {session.username} left".encode())
+        if session.username and not session.replaced:
+            self.bus.publish(room.name, Opcode.TEXT, f"* {session.username} left".encode(),
+                             sender=session.username, kind=LEAVE)
+        self.rooms.unseat(room, session)
+
+    # Plain HTTP routes (the composition root serves them as JSON).
+
+    def room_list(self, request) -> dict:
+        """``GET /rooms``: every room with its counts."""
+        admission.authorize(request.path, request.headers, self.policy)
+        return {"rooms": self.rooms.listing()}
+
+    def room_info(self, request) -> dict:
+        """``GET /rooms/ROOM``: who is in ROOM; 404 for a room that does not exist."""
+        admission.authorize(request.path, request.headers, self.policy)
+        name = request_target(request.path, request.headers).path[len(ROOMS_PATH) + 1:]
+        room = self.rooms.get(name)
+        if room is None:
+            raise Refused(http.HTTPStatus.NOT_FOUND, "no such room")
+        return room.summary()

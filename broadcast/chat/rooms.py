@@ -9,15 +9,29 @@ and, at most, a wake-up of a writer), which is what makes holding a lock
 across the whole fan-out cheap and safe. When the writers fall behind, it
 is the publishers who wait (``wait_writers``), after the fan-out and outside
 the lock, never the fan-out itself.
+
+A message is encoded once per protocol under that lock, where its id is
+decided: one plain frame, one structured frame (and, when history is on,
+the structured ``history`` frame kept for replays). Plain and structured
+members are kept in two tuples, so the fan-out stays one ``send`` per member
+and frame. A joiner's history is queued in the same locked step as it joins,
+so between history and live nothing is missing and nothing comes twice.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
-from ..net.app import EVICTED
+from websockets.frames import Frame, Opcode
+
+from ..net.app import EVICTED, Refused
+from . import structured
+from .history import Entry, History, HistoryBudget
+from .ids import MessageId, format_id, new_epoch
 from .names import DEFAULT_ROOM
+from .presence import Presence, Seated
 
 # Longest a reader is held back, after one read, for clients that our
 # writers have not caught up with; past it, it reads on. A client whose
@@ -26,47 +40,184 @@ BACKPRESSURE_MAX_S = 5.0
 # How often a held-back reader looks whether a client it waits for stalled.
 BACKPRESSURE_POLL_S = 0.1
 
+# What the bus carries, besides the bytes: a message is kept and numbered, a notice is neither.
+MESSAGE, JOIN, LEAVE = "message", "join", "leave"
+_NOTICES = {JOIN: structured.join, LEAVE: structured.leave}
+_TEXT = Opcode.TEXT
+# The reasons of a gap object: for people, not programs.
+GAP_TRIMMED = "history does not reach back that far"
+GAP_RESTARTED = "history restarted"
+GAP_AHEAD = "that id is past the room's last message"
+
+
+def _frame(opcode: Opcode, payload: bytes) -> bytes:
+    return Frame(opcode, payload).serialize(mask=False)
+
+
+def text_frame(text: str) -> bytes:
+    """One structured object as the frame a member is sent."""
+    return _frame(_TEXT, text.encode())
+
+
+def prefix(name: str | None) -> bytes:
+    """What the plain protocol puts before a named client's text; the room strips it for the structured one."""
+    return f"[{name}] ".encode() if name is not None else b""
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    """The operator's per-room bounds, from the configuration."""
+
+    history_size: int = 100
+    history_bytes: int = 1024 * 1024
+    history_ttl_s: float = 0.0
+    allow_duplicate_names: bool = False
+
 
 class Room:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget) -> None:
         self.name = name
-        self._lock = threading.Lock()
-        # Members in join order, as an immutable tuple so that a
+        # Guards the member tuples, _behind, history and presence.
+        self.lock = threading.Lock()
+        # Members in join order, one tuple per protocol, immutable so that a
         # broadcast iterates without copying; rebuilt only on join and leave.
-        self._members: tuple = ()
+        self._plain: tuple = ()
+        self._structured: tuple = ()
         # Members that went over their bound while their socket took data;
-        # swapped out whole by wait_writers, under _lock.
+        # swapped out whole by wait_writers, under lock.
         self._behind: list = []
+        self._budget = budget
+        self.history = History(new_epoch(), self.lock, budget, size=settings.history_size,
+                               max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s)
+        self.presence = Presence(name, settings.allow_duplicate_names)  # keyed by the chat's sessions
 
     def __len__(self) -> int:
-        return len(self._members)
+        return len(self._plain) + len(self._structured)
 
-    def join(self, member) -> int:
-        """Add ``member``, whose 101 is queued (``accept``) before any broadcast can reach it."""
-        with self._lock:
+    def join(self, member, structured_: bool, history: int | None, since: MessageId | None) -> int:
+        """Add ``member``, whose 101 and catch-up are queued (``accept``) before any broadcast can reach it.
+
+        ``history``: how many past messages to replay (None: all for a
+        structured member, none for a plain one); ``since``: the last id the
+        client saw, to recover from.
+        """
+        with self.lock:
             member.accept()
-            self._members += (member,)
-            return len(self._members)
-
-    def leave(self, member) -> int:
-        """Remove ``member`` if present; returns the new count."""
-        with self._lock:
-            self._members = tuple(m for m in self._members if m is not member)
-            return len(self._members)
-
-    def broadcast(self, frame: bytes, skip: int | None = None) -> None:
-        """Queue ``frame`` for every member but the one whose id is ``skip``, all in one order."""
-        with self._lock:
-            if skip is None:
-                over = [(m, s) for m in self._members if (s := m.send(frame))]
+            evicted = False
+            for frame in self._catch_up_locked(structured_, history, since):
+                if member.send(frame) == EVICTED:
+                    evicted = True
+                    break
+            if structured_:
+                self._structured += (member,)
             else:
-                over = [(m, s) for m in self._members if m.id != skip and (s := m.send(frame))]
+                self._plain += (member,)
+            online = len(self)
+        if evicted:
+            member.evict()
+        return online
+
+    def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None) -> list[bytes]:
+        """What a joiner is owed before anything live: (gap,) history, then presence (structured only)."""
+        assert self.lock.locked()
+        kept = self.history
+        if history is None:
+            history = kept.size if structured_ else 0
+        frames = []
+        entries = None
+        if since is not None:
+            recovery = kept.since(since.epoch, since.seq)
+            if recovery.missed == 0:
+                entries = recovery.entries
+            elif structured_:
+                if recovery.missed is None:
+                    reason = GAP_RESTARTED if since.epoch != kept.epoch else GAP_AHEAD
+                else:
+                    reason = GAP_TRIMMED
+                frames.append(text_frame(structured.gap(kept.last_id, self.name, time.time(),
+                                                        recovery.missed, reason)))
+            if recovery.missed is not None:
+                entries = recovery.entries
+        if entries is None:
+            entries = kept.last(history)
+        if structured_:
+            frames += [entry.replay for entry in entries]
+            frames.append(self.presence_frame_locked())
+        else:
+            frames += [entry.plain for entry in entries]
+        return frames
+
+    def presence_frame_locked(self) -> bytes:
+        assert self.lock.locked()
+        presence = self.presence
+        return text_frame(structured.presence(self.history.last_id, self.name, time.time(),
+                                              presence.names(), presence.anonymous))
+
+    def tell(self, member, frame: bytes) -> None:
+        """Queue ``frame`` (an answer to its own request) for ``member`` alone, in the room's order."""
+        with self.lock:
+            state = member.send(frame)
+        if state == EVICTED:
+            member.evict()
+
+    def tell_presence(self, member) -> None:
+        with self.lock:
+            state = member.send(self.presence_frame_locked())
+        if state == EVICTED:
+            member.evict()
+
+    def leave(self, member, session) -> int:
+        """Remove ``member`` and its seat if present; returns the new count."""
+        with self.lock:
+            self._plain = tuple(m for m in self._plain if m is not member)
+            self._structured = tuple(m for m in self._structured if m is not member)
+            self.presence.remove(session)
+            return len(self)
+
+    def deliver(self, opcode: Opcode, payload: bytes, skip: int | None = None,
+                sender: str | None = None, kind: str = MESSAGE) -> None:
+        """Give every member but the one whose id is ``skip`` this message or notice, all in one order.
+
+        ``payload`` is what a plain client gets, byte for byte ("[Alice] hi",
+        "* Alice joined"); ``sender`` names who said it (its prefix is stripped
+        for structured clients). Binary is relayed as it is to both and kept
+        nowhere; a text message gets the next id and is kept in history.
+        """
+        over_budget = False
+        with self.lock:
+            if opcode is not _TEXT:
+                plain = shared = _frame(opcode, payload)
+            else:
+                plain = _frame(_TEXT, payload)
+                kept = self.history
+                ts = time.time()
+                if kind == MESSAGE:
+                    seq = kept.next_seq
+                    id = format_id(kept.epoch, seq)
+                    head = prefix(sender)
+                    text = payload[len(head):] if payload.startswith(head) else payload
+                    text = text.decode(errors="replace")
+                    replay = text_frame(structured.history(id, self.name, ts, sender, text)) if kept.size else b""
+                    shared = text_frame(structured.message(id, self.name, ts, sender, text)) \
+                        if self._structured else b""
+                    over_budget = kept.append(Entry(seq, ts, sender, plain, replay))
+                else:
+                    shared = text_frame(_NOTICES[kind](kept.last_id, self.name, ts, sender))
+            over = self._fan_out_locked(self._plain, plain, skip) + self._fan_out_locked(self._structured, shared, skip)
             if over:
                 self._behind += [m for m, state in over if state != EVICTED]
         # Outside the lock: eviction takes each connection's protocol lock.
         for member, state in over:
             if state == EVICTED:
                 member.evict()
+        if over_budget:
+            self._budget.enforce()
+
+    def _fan_out_locked(self, members: tuple, frame: bytes, skip: int | None) -> list:
+        assert self.lock.locked()
+        if skip is None:
+            return [(m, s) for m in members if (s := m.send(frame))]
+        return [(m, s) for m in members if m.id != skip and (s := m.send(frame))]
 
     def wait_writers(self, reader) -> None:
         """Hold ``reader`` back until the clients our writers are behind on catch up.
@@ -77,7 +228,7 @@ class Room:
         """
         if not self._behind and not reader.behind():
             return
-        with self._lock:
+        with self.lock:
             behind, self._behind = self._behind, []
         deadline = time.monotonic() + BACKPRESSURE_MAX_S
         for member in dict.fromkeys([*behind, reader]):
@@ -88,17 +239,87 @@ class Room:
                 if time.monotonic() >= deadline:
                     return
 
+    def idle_locked(self) -> bool:
+        """No one in it or seated, and no history left: the room may go."""
+        assert self.lock.locked()
+        return not self._plain and not self._structured and not len(self.presence) and not self.history.expire()
+
+    def summary(self) -> dict:
+        """For ``GET /rooms/ROOM``: who is here, by name, and how many anonymous."""
+        with self.lock:
+            return {"room": self.name, "users": self.presence.names(), "anonymous": self.presence.anonymous}
+
 
 class Rooms(dict):
-    """Every room by name; the home of rooms. Today only the default room exists, made at start.
+    """Every room by name: made by its first joiner, gone once it has neither members nor history.
 
-    A dict itself, so that the bus's lookup on every message costs no Python call.
+    A dict itself, so that the bus's lookup on every message costs no Python
+    call. ``_lock`` guards making and removing rooms (writes to the dict);
+    lock order: ``_lock``, then a room's lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: RoomSettings = RoomSettings(), max_rooms: int = 10_000,
+                 history_total_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__()
-        self.default = self[DEFAULT_ROOM] = Room(DEFAULT_ROOM)
+        self.settings = settings
+        self.max_rooms = max_rooms
+        self.budget = HistoryBudget(history_total_bytes)
+        self._lock = threading.Lock()
+
+    @property
+    def default(self) -> Room | None:
+        """The Go original's one room, if it exists now."""
+        return self.get(DEFAULT_ROOM)
+
+    def seat(self, name: str, session, username: str | None, token: str | None) -> tuple[Room, Seated]:
+        """Seat ``session`` in room ``name``, making the room if need be.
+
+        Raises Refused 503 past ``max_rooms`` and presence's NameTaken for a
+        name held by someone else; under the room's lock, so two Alices
+        cannot both pass.
+        """
+        with self._lock:
+            room = self.get(name)
+            if room is None:
+                if len(self) >= self.max_rooms:
+                    self._sweep_locked()
+                if len(self) >= self.max_rooms:
+                    raise Refused(503, "too many rooms")
+                room = self[name] = Room(name, self.settings, self.budget)
+            with room.lock:
+                return room, room.presence.add(session, username, token)
+
+    def unseat(self, room: Room, session) -> None:
+        """Give the seat back (a refused or closed handshake); the room goes if that left it idle."""
+        with self._lock:
+            with room.lock:
+                room.presence.remove(session)
+                if room.idle_locked() and self.get(room.name) is room:
+                    room.history.close()
+                    del self[room.name]
+
+    def _sweep_locked(self) -> None:
+        """Remove every room left idle (its history expired or shed while no one was in it)."""
+        assert self._lock.locked()
+        for room in list(self.values()):
+            with room.lock:
+                if room.idle_locked():
+                    room.history.close()
+                    del self[room.name]
+
+    def listing(self) -> list[dict]:
+        """For ``GET /rooms``: every room with someone in it or history, with its counts, by name."""
+        with self._lock:
+            self._sweep_locked()
+            rooms = sorted(self.values(), key=lambda room: room.name)
+        listed = []
+        for room in rooms:
+            with room.lock:
+                presence = room.presence
+                listed.append({"room": room.name, "users": len(presence) - presence.anonymous,
+                               "anonymous": presence.anonymous})
+        return listed
 
     def online(self) -> int:
         """Members of all rooms, for /healthz."""
-        return sum(len(room) for room in self.values())
+        return sum(len(room) for room in list(self.values()))

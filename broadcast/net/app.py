@@ -71,6 +71,7 @@ class Member(Protocol):
     peer: str
     label: str  # who it is, for log lines: the application's Admit.label once admitted
     session: object  # the application's, from Admit
+    subprotocol: str | None  # what the handshake negotiated of the application's ``subprotocols``
 
     def send(self, frame: bytes) -> int:
         """Queue one encoded data frame: QUEUED, BEHIND or EVICTED (then call ``evict``, outside locks)."""
@@ -97,8 +98,14 @@ class Member(Protocol):
 class Application(Protocol):
     """What the engine calls, from a connection's reader thread unless said otherwise."""
 
+    # Offered to clients in order of preference; one who asks for none of them gets none.
+    subprotocols: tuple[str, ...]
+
     def admit(self, request, peer: str) -> Admit | Refused:
         """Take or refuse a WebSocket request; under the connection's lock, so it must not block."""
+
+    def abandon(self, session: object) -> None:
+        """An admitted request will not open after all (a later refusal, a failed handshake)."""
 
     def opened(self, member: Member) -> None:
         """The 101 is due: join, calling ``member.accept()`` under the room's lock.

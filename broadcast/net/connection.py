@@ -46,7 +46,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, SEND_EOF
 
 from .app import Refused, request_target
-from .http import refusal, respond
+from .http import refusal, respond, route
 from .limits import LIMITS_HEADER, TokenBucket, give_back_memory
 from .outbox import Outbox
 from .protocol import BroadcastProtocol
@@ -91,6 +91,7 @@ class Connection:
         self.lock = threading.Lock()
         self.protocol = BroadcastProtocol(
             origins=listener.origins,
+            subprotocols=list(self._app.subprotocols),
             max_size=config.max_message_size or None,
             logger=WIRE_LOG,
         )
@@ -102,6 +103,7 @@ class Connection:
         self.wait_sent = outbox.wait
         self.stalled = outbox.stalled
         self.session: object = None  # the application's, from its Admit
+        self.subprotocol: str | None = None  # negotiated in the 101, written with session
         self.label = f"anonymous@{peer}"  # for log lines; the application names it at admission
         self.joined = False
         self._response: list[bytes] = []  # the 101, until accept() queues it
@@ -198,13 +200,17 @@ class Connection:
         protocol = self.protocol
         try:
             target = request_target(request.path, request.headers)
-            route = self._listener.routes.get(target.path)
-            if route is not None:
-                return respond(route(request))
+            handler = route(self._listener.routes, target.path)
+            if handler is not None:
+                return respond(handler(request))
             verdict = self._app.admit(request, self.peer)
             if isinstance(verdict, Refused):
                 raise verdict
-            self._listener.check_capacity(self)
+            try:
+                self._listener.check_capacity(self)
+            except Refused:
+                self._app.abandon(verdict.session)
+                raise
         except Refused as refused:
             log.info("refused %s: %d %s", self.peer, refused.status, refused.reason)
             return refusal(refused)
@@ -214,8 +220,10 @@ class Connection:
             for name, value in verdict.headers:
                 response.headers[name] = value
             self.session = verdict.session
+            self.subprotocol = protocol.subprotocol
             self.label = verdict.label
         else:
+            self._app.abandon(verdict.session)
             # The library's reason names the header at fault and its value:
             # for a refused Origin, the origin itself.
             log.info("refused %s: %d %s", self.peer, response.status_code, protocol.handshake_exc)
@@ -235,6 +243,7 @@ class Connection:
         early = protocol.events_received()
         if protocol.state is not OPEN and protocol.close_rcvd is None:
             log.info("refused %s: closed by server: %s", self.peer, protocol.close_sent)
+            self._app.abandon(self.session)
             self.outbox.put_control(response, closing=True)
             self._push_locked()
             return []

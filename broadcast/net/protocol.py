@@ -52,9 +52,17 @@ class _FramesAfterResponse(Protocol):
         yield from super().parse()
 
 
+def _first_offered(protocol: ServerProtocol, offered) -> str | None:
+    """Ours that the client offers, else none: the library's default refuses a client that offers none."""
+    for subprotocol in protocol.available_subprotocols or ():
+        if subprotocol in offered:
+            return subprotocol
+    return None
+
+
 class BroadcastProtocol(ServerProtocol, _FramesAfterResponse):
     def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(select_subprotocol=_first_offered, **kwargs)
         self._decoder = None  # while a text message is in progress
 
     def recv_frame(self, frame: Frame) -> None:

@@ -33,7 +33,7 @@ from support.rawws import (
     settled_stats,
     wait_baseline,
 )
-from support.wsclients import Closed, RawClient, recv, ws_connect
+from support.wsclients import Closed, recv, ws_connect
 
 WAIT = 5.0  # seconds for any single expected event
 # A control character that reached the log raw (tab and newline included:
@@ -343,7 +343,7 @@ def test_a_refused_origin_is_logged_with_the_origin(start_server):
 
 def test_each_client_dropped_at_the_shutdown_timeout_gets_a_disconnect_line(start_server):
     server = start_server("--shutdown-timeout", "1")
-    deaf = [RawClient(server.url + f"?username=deaf{i}", rcvbuf=4096) for i in range(3)]
+    deaf = [RawWS.connect(server.port, username=f"deaf{i}", rcvbuf=4096) for i in range(3)]
     try:
         server.wait_for_log(r"connect deaf\d@", WAIT, count=3)  # not /healthz: it would be one more to close
         server.proc.send_signal(signal.SIGTERM)
@@ -358,7 +358,7 @@ def test_each_client_dropped_at_the_shutdown_timeout_gets_a_disconnect_line(star
 
 def test_a_second_signal_logs_one_line_before_exiting(start_server):
     server = start_server("--shutdown-timeout", "30")
-    deaf = RawClient(server.url, rcvbuf=4096)
+    deaf = RawWS.connect(server.port, rcvbuf=4096)
     try:
         server.wait_for_log(r"connect anonymous", WAIT)  # not /healthz: it would be one more to close
         server.proc.send_signal(signal.SIGTERM)
@@ -376,7 +376,7 @@ def test_a_stalled_client_is_reported_once(start_server):
     # several looks at the stalled client before the reader has let it go.
     server = start_server("--write-timeout", "0.04", "--send-queue-bytes", str(64 << 20))
     baseline = settled_stats(server.proc.pid)
-    stalled = RawClient(server.url + "?username=stalled", rcvbuf=4096)  # never reads
+    stalled = RawWS.connect(server.port, username="stalled", rcvbuf=4096)  # never reads
     try:
         with ws_connect(server.url) as publisher:
             wait_joined(server, 2)  # the stalled client and the publisher

@@ -21,14 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import websocket
 from websockets.exceptions import InvalidStatus
-from websockets.frames import Opcode
 
 from support.process import wait_joined, wait_left
+from support.rawws import OP_CLOSE, OP_PING, RawWS
 from support.wsclients import (
     Closed,
     Collector,
-    RawClient,
-    close_code,
     expect_silence,
     http_get,
     raw_exchange,
@@ -416,7 +414,7 @@ def test_concurrent_senders_every_client_sees_one_total_order(server):
 def test_stuck_client_is_evicted_and_nobody_else_waits(start_server, queue_args):
     count, size = 2000, 10 * 1024
     server = start_server(*queue_args)
-    stuck = RawClient(server.url, rcvbuf=4096)  # never reads again
+    stuck = RawWS.connect(server.port, rcvbuf=4096)  # never reads again
     with ws_connect(server.url) as publisher, ws_connect(server.url) as r1, client("websocket-client", server.url) as r2:
         wait_online(server, 4)
         readers = [Collector(ws, count, timeout=40, name=name)
@@ -460,7 +458,7 @@ def test_stuck_client_is_evicted_and_nobody_else_waits(start_server, queue_args)
 
 def test_vanished_peers_do_not_stall_the_broadcast_or_cost_the_sender(server):
     count = 600
-    vanishing = [RawClient(server.url, rcvbuf=4096) for _ in range(5)]
+    vanishing = [RawWS.connect(server.port, rcvbuf=4096) for _ in range(5)]
     with ws_connect(server.url) as publisher, client("websocket-client", server.url) as receiver:
         wait_online(server, 7)
         readers = [Collector(receiver, count, 30, "receiver"), Collector(publisher, count, 30, "publisher-echo")]
@@ -489,7 +487,7 @@ def test_vanished_peers_do_not_stall_the_broadcast_or_cost_the_sender(server):
 def test_vanished_peer_that_was_idle(server):
     """The RST reaches the server while nothing is owed to the peer."""
     with client("websockets", url_for(server, "pub")) as publisher:
-        peer = RawClient(server.url)
+        peer = RawWS.connect(server.port)
         wait_online(server, 2)
         peer.vanish()
         server.wait_for_log(rf"disconnect anonymous@127\.0\.0\.1:{peer.port}:", WAIT)
@@ -585,7 +583,7 @@ def test_messages_queued_before_the_signal_arrive_before_the_close_frame(start_s
 def test_shutdown_timeout_bounds_the_wait_for_a_client_that_never_answers(start_server):
     timeout = 1.0
     server = start_server("--shutdown-timeout", str(timeout))
-    deaf = RawClient(server.url, rcvbuf=4096)  # never reads our close frame, never answers it
+    deaf = RawWS.connect(server.port, rcvbuf=4096)  # never reads our close frame, never answers it
     with ws_connect(server.url) as polite:
         wait_online_before_shutdown(server, 2)
         t0 = time.monotonic()
@@ -643,7 +641,7 @@ def test_signal_right_after_the_listening_line_is_graceful(start_server, sig, tr
 
 def test_a_second_signal_exits_at_once(start_server):
     server = start_server("--shutdown-timeout", "30")
-    deaf = RawClient(server.url, rcvbuf=4096)
+    deaf = RawWS.connect(server.port, rcvbuf=4096)
     try:
         wait_online_before_shutdown(server, 1)
         server.proc.send_signal(signal.SIGTERM)
@@ -745,12 +743,12 @@ def test_server_pings_at_the_interval(start_server):
 
 def test_raw_client_sees_pings_too(start_server):
     server = start_server("--ping-interval", "0.2", "--ping-timeout", "5")
-    raw = RawClient(server.url)
+    raw = RawWS.connect(server.port)
     try:
         frame = raw.recv_frame(WAIT, reply=True)
-        assert frame.opcode is Opcode.PING
+        assert frame.opcode == OP_PING
         frame = raw.recv_frame(WAIT, reply=True)
-        assert frame.opcode is Opcode.PING
+        assert frame.opcode == OP_PING
     finally:
         raw.close()
 
@@ -765,13 +763,11 @@ def test_ping_interval_0_disables_pings(start_server):
 
 def test_unanswered_pings_drop_the_client(start_server):
     server = start_server("--ping-interval", "0.2", "--ping-timeout", "0.6")
-    mute = RawClient(server.url)  # reads, but never answers
+    mute = RawWS.connect(server.port)  # reads, but never answers
     try:
-        frames = []
-        while (frame := mute.recv_frame(WAIT)) is not None:  # until the server hangs up
-            frames.append(frame)
-        assert frames and frames[0].opcode is Opcode.PING
-        assert all(f.opcode in (Opcode.PING, Opcode.CLOSE) for f in frames)
+        frames = mute.wait_eof(WAIT)  # until the server hangs up
+        assert frames and frames[0].opcode == OP_PING
+        assert all(f.opcode in (OP_PING, OP_CLOSE) for f in frames)
         server.wait_for_log(rf"disconnect anonymous@127\.0\.0\.1:{mute.port}: .*ping timeout", WAIT)
     finally:
         mute.close()
@@ -780,15 +776,13 @@ def test_unanswered_pings_drop_the_client(start_server):
 def test_ping_timeout_sends_1011_before_hanging_up(start_server):
     """The server logs "closing ...: 1011 keepalive ping timeout": the client must get that close frame."""
     server = start_server("--ping-interval", "0.05", "--ping-timeout", "0.15")
-    mutes = [RawClient(server.url) for _ in range(10)]  # a race, so try it ten times at once
+    mutes = [RawWS.connect(server.port) for _ in range(10)]  # a race, so try it ten times at once
     try:
         for mute in mutes:
-            frames = []
-            while (frame := mute.recv_frame(WAIT)) is not None:
-                frames.append(frame)
-            assert frames[-1].opcode is Opcode.CLOSE, (
-                f"{mute.port}: TCP closed after {[f.opcode.name for f in frames]}, no close frame")
-            assert close_code(frames[-1]) == 1011
+            frames = mute.wait_eof(WAIT)
+            assert frames[-1].opcode == OP_CLOSE, (
+                f"{mute.port}: TCP closed after {[f.opcode for f in frames]}, no close frame")
+            assert frames[-1].close_code == 1011
     finally:
         for mute in mutes:
             mute.close()

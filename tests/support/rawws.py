@@ -4,7 +4,9 @@ Well-behaved clients (websockets, websocket-client) refuse to send a frame
 with RSV bits, a reserved opcode, an unmasked payload or a header announcing
 2**63 bytes. This module builds such frames byte by byte, does the opening
 handshake by hand (so that it can be broken too), and parses what the server
-sends back, close code included.
+sends back, close code included. The same client misbehaves by omission
+too, as the libraries will not: a tiny receive buffer it never reads, pings
+and closes it never answers, a TCP reset instead of a goodbye.
 
 It also holds the few probes the hardening tests share: ``assert_chat_works``
 (through a ``support.wsclients.Watcher``) and readers of ``/proc/<pid>`` for a
@@ -235,9 +237,18 @@ class HTTPResponse:
     rest: bytes = b""  # bytes after the head of a 101 response: the first frames
 
 
-def open_socket(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def open_socket(port: int, timeout: float = DEFAULT_TIMEOUT, *, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf:
+            # Before connect(), so that the window the server sees is small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -293,10 +304,14 @@ def read_http_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) ->
 
 
 class RawWS:
-    """One client connection that sends whatever it is told to."""
+    """One client connection that sends whatever it is told to.
+
+    It never reads, and never answers a ping or a close, unless asked to.
+    """
 
     def __init__(self, sock: socket.socket, leftover: bytes = b"") -> None:
         self.sock = sock
+        self.port = sock.getsockname()[1]  # local: how the server's log names us, even once closed
         self.parser = FrameParser()
         self.backlog: list[Frame] = self.parser.feed(leftover) if leftover else []
         self.eof = False
@@ -304,11 +319,11 @@ class RawWS:
 
     @classmethod
     def connect(cls, port: int, *, username: str | None = None, path: str = "/ws",
-                timeout: float = DEFAULT_TIMEOUT) -> RawWS:
+                timeout: float = DEFAULT_TIMEOUT, rcvbuf: int | None = None) -> RawWS:
         """Open a WebSocket by hand; asserts a correct 101 response."""
         if username is not None:
             path = f"{path}?username={username}"
-        sock = open_socket(port, timeout)
+        sock = open_socket(port, timeout, rcvbuf=rcvbuf)
         try:
             key = make_key()
             sock.sendall(handshake_request(port, path, key=key))
@@ -346,8 +361,12 @@ class RawWS:
 
     # Receiving.
 
-    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        """The next frame; Timeout, or PeerClosed when the server ended the stream first."""
+    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT, *, reply: bool = False) -> Frame:
+        """The next frame; Timeout, or PeerClosed when the server ended the stream first.
+
+        With ``reply`` a ping is answered with its pong and a close with its echo,
+        as a well-behaved client would.
+        """
         deadline = time.monotonic() + timeout
         while not self.backlog:
             if self.eof:
@@ -357,7 +376,10 @@ class RawWS:
                 self.eof = True
                 continue
             self.backlog.extend(self.parser.feed(data))
-        return self.backlog.pop(0)
+        frame = self.backlog.pop(0)
+        if reply and frame.opcode in (OP_PING, OP_CLOSE):
+            self.send_frame(OP_PONG if frame.opcode == OP_PING else OP_CLOSE, frame.payload)
+        return frame
 
     def recv_until(self, predicate, timeout: float = DEFAULT_TIMEOUT) -> tuple[Frame, list[Frame]]:
         """The first frame matching ``predicate``, and the frames before it."""
@@ -389,6 +411,36 @@ class RawWS:
             else:
                 frames.extend(self.parser.feed(data))
         return frames
+
+    def drain_until_eof(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str]:
+        """Read and discard raw bytes until the server ends the stream: (bytes read, "eof" or "reset").
+
+        Its own recv loop, not ``recv_some``, which folds a reset into an EOF:
+        how a server lets go of a client it gave up on is worth reporting.
+        """
+        deadline = time.monotonic() + timeout
+        total = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"connection still open after {timeout}s ({total} bytes read)")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                self.eof = True
+                return total, "reset"
+            if not data:
+                self.eof = True
+                return total, "eof"
+            total += len(data)
+
+    def vanish(self) -> None:
+        """Disappear without a close frame or FIN: SO_LINGER 0 makes close() send RST."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
     def close(self) -> None:
         try:

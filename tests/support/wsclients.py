@@ -1,13 +1,13 @@
 """Client helpers for the server's end-to-end tests.
 
-Three independent ways to talk to the server:
+Two independent libraries to talk to the server with:
 
 * ``ws_connect``: the ``websockets`` sync client (use it as a context manager);
-* ``wsc_connect``: ``websocket-client``;
-* ``RawClient``: a bare TCP socket driven by websockets' Sans-I/O
-  ``ClientProtocol``, for the clients the libraries will not impersonate: one
-  with a tiny receive buffer that never reads, one that never answers a ping
-  or a close, one that vanishes with a TCP reset.
+* ``wsc_connect``: ``websocket-client``.
+
+The clients the libraries will not impersonate (a tiny receive buffer that
+never reads, pings never answered, a TCP reset instead of a close) are
+``support.rawws.RawWS``.
 
 Every blocking call here takes a timeout.
 """
@@ -19,15 +19,11 @@ import socket
 import struct
 import threading
 import time
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import websocket  # websocket-client
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Close, Frame, Opcode
-from websockets.http11 import Response
 from websockets.sync.client import connect as _websockets_connect
-from websockets.uri import parse_uri
 
 TIMEOUT = 5.0  # default for any single blocking operation
 
@@ -268,122 +264,6 @@ class Watcher(Collector):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# Raw sockets
-
-
-class RawClient:
-    """A WebSocket client on a bare socket, which does only what the test tells it.
-
-    It completes the opening handshake and then never reads, never answers a
-    ping or a close unless asked to.
-    """
-
-    def __init__(self, url: str, rcvbuf: int | None = None, timeout: float = TIMEOUT) -> None:
-        parts = urlsplit(url)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            # Before connect(), so that the window the server sees is small.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect((parts.hostname, parts.port))
-        self.port = self.sock.getsockname()[1]
-        self.protocol = ClientProtocol(parse_uri(url), max_size=None)
-        self.protocol.send_request(self.protocol.connect())
-        self._write(self.protocol.data_to_send())
-        self.frames: list[Frame] = []
-        self.eof = False
-        response = None
-        while response is None:
-            data = self.sock.recv(4096)
-            if not data:
-                raise ConnectionError("server hung up during the handshake")
-            self.protocol.receive_data(data)
-            for event in self.protocol.events_received():
-                if isinstance(event, Response):
-                    response = event
-                else:
-                    self.frames.append(event)
-        self.response = response
-        if self.protocol.handshake_exc is not None:
-            raise self.protocol.handshake_exc
-
-    def _write(self, chunks) -> None:
-        for chunk in chunks:
-            if chunk:
-                self.sock.sendall(chunk)
-            else:
-                self.sock.shutdown(socket.SHUT_WR)
-
-    def send_text(self, text: str) -> None:
-        self.protocol.send_text(text.encode())
-        self._write(self.protocol.data_to_send())
-
-    def send_binary(self, data: bytes) -> None:
-        self.protocol.send_binary(data)
-        self._write(self.protocol.data_to_send())
-
-    def recv_frame(self, timeout: float = TIMEOUT, reply: bool = False) -> Frame | None:
-        """The next frame of any kind; None once the server closed TCP.
-
-        Protocol replies (pongs, the close answer) are sent only with ``reply``.
-        """
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            if self.eof:
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no frame within {timeout}s")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if data:
-                self.protocol.receive_data(data)
-            else:
-                self.eof = True
-                self.protocol.receive_eof()
-            self.frames.extend(self.protocol.events_received())
-            pending = self.protocol.data_to_send()
-            if reply:
-                try:
-                    self._write(pending)
-                except OSError:
-                    pass
-        return self.frames.pop(0)
-
-    def drain_until_eof(self, timeout: float) -> tuple[int, str]:
-        """Read and discard until the server ends the connection: (bytes read, how)."""
-        deadline = time.monotonic() + timeout
-        total = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"connection still open after {timeout}s ({total} bytes read)")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionResetError:
-                return total, "reset"
-            if not data:
-                return total, "eof"
-            total += len(data)
-
-    def vanish(self) -> None:
-        """Disappear without a close frame or FIN: SO_LINGER 0 makes close() send RST."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def close_code(frame: Frame) -> int:
-    assert frame.opcode is Opcode.CLOSE, frame
-    return Close.parse(frame.data).code
 
 
 def http_get(server, path: str, headers: dict | None = None, timeout: float = TIMEOUT):
