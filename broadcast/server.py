@@ -54,10 +54,14 @@ class Server:
                                 config.allow_duplicate_names)
         self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
-            self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id)
+            self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
+                                history=config.history_size, presence_ttl_s=config.presence_ttl)
+            self.rooms.feed = self.bus
         else:
             self.bus = LocalBus(self.rooms)
         app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
+        if config.redis_url:
+            self.bus.on_name_lost = app.name_lost
         routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
         self.listener = Listener(config, app, routes, tls)
 
@@ -148,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         server.bus.check()
     except RedisUnavailable as exc:
         if not config.redis_optional:
-            log.error("cannot reach redis %s", exc)
+            log.error("cannot reach %s", exc)
             return 1
-        log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
+        log.warning("cannot reach %s; rooms open once it is back", exc)
     server.bus.start()
     try:
         server.listen()

@@ -17,25 +17,14 @@ import threading
 import time
 
 import pytest
-from pytest_redis.config import get_config
 
 from broadcast.bus import streams
 from support.process import ROOT, clean_env
-from support.redis import NOT_INSTALLED, TestRedis
 
 pytestmark = pytest.mark.redis
 
 WAIT_S = 10.0  # every wait here ends by then; far past what any step takes unloaded
 SHORT_TTL_S = 1.0  # presence TTL for the tests that watch it expire
-
-
-@pytest.fixture
-def redis_server(request, tmp_path_factory):
-    if not get_config(request).exec:
-        pytest.skip(NOT_INSTALLED)
-    server = TestRedis(request, tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.close()
 
 
 class Node:
