@@ -65,6 +65,15 @@ class RedisBus:
         self._lock = threading.Condition()
         self._unechoed: set[int] = set()
         self.on_name_lost = lambda room, name: None  # the chat closes the former connection
+        # Presence and freed names are written by one thread of their own, so
+        # that a join or a leave never waits on Redis (a stalled one would hold
+        # a reader, or the shutdown, for COMMAND_TIMEOUT_S per write).
+        # _writes guards _members and _freed, and wakes the writer.
+        self._writes = threading.Condition()
+        self._members: dict[str, tuple[list[str], int]] = {}  # room -> this node's latest, not yet written
+        self._freed: list[tuple[str, str, str]] = []  # (room, name, token) to release
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="redis-presence", daemon=True)
 
     @property
     def state(self) -> str:
@@ -76,8 +85,15 @@ class RedisBus:
 
     def start(self) -> None:
         self.streams.start()
+        self._writer.start()
 
     def close(self, deadline: float) -> None:
+        """Stop writing, then leave presence and free the names still held (streams.close), by ``deadline``."""
+        self._stop.set()
+        with self._writes:
+            self._writes.notify()
+        if self._writer.is_alive():
+            self._writer.join(max(0.0, deadline - time.monotonic()))
         self.streams.close(deadline)
 
     # Reader threads.
@@ -131,11 +147,28 @@ class RedisBus:
         return self.streams.claim(room, name, token)
 
     def release(self, room: str, name: str, token: str) -> None:
-        self.streams.release(room, name, token)
+        """Free ``name`` for every node, soon (the presence writer does it)."""
+        with self._writes:
+            self._freed.append((room, name, token))
+            self._writes.notify()
 
     def seated(self, room: str, users: list[str], anonymous: int) -> None:
-        """This node's members of ``room`` now, for every node's presence."""
-        self.streams.set_presence(room, users, anonymous)
+        """This node's members of ``room`` now, for every node's presence, soon (the presence writer)."""
+        with self._writes:
+            self._members[room] = (users, anonymous)
+            self._writes.notify()
+
+    def _write_loop(self) -> None:
+        """Write what ``seated`` and ``release`` left, the latest members of each room once."""
+        while not self._stop.is_set():
+            with self._writes:
+                self._writes.wait_for(lambda: self._members or self._freed or self._stop.is_set())
+                members, self._members = self._members, {}
+                freed, self._freed = self._freed, []
+            for room, name, token in freed:
+                self.streams.release(room, name, token)
+            for room, (users, anonymous) in members.items():
+                self.streams.set_presence(room, users, anonymous)
 
     def elsewhere(self, room: str) -> tuple[list[str], int]:
         """The other nodes' members of ``room``: (names, anonymous); Unavailable if Redis does not answer."""
