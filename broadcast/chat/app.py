@@ -78,7 +78,7 @@ class ChatApp:
         session.replaces = seated.replaced
         online = (ONLINE_HEADER, str(len(room) + 1))  # counting the one joining
         headers = (online, (SESSION_HEADER, seated.token)) if seated.token else (online,)
-        return Admit(session, f"{username or 'anonymous'}@{peer} in {room.name}", headers)
+        return Admit(session, f"{username or 'anonymous'}@{peer}", headers)
 
     def abandon(self, session: Session) -> None:
         self.rooms.unseat(session.room, session)
@@ -88,7 +88,7 @@ class ChatApp:
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
         online = session.room.join(member, session.structured, session.history, session.since)
-        log.info("connect %s (%d online)", member.label, online)
+        log.info("connect %s (%d online), room %s", member.label, online, session.room.name)
 
     def ready(self, member: Member) -> None:
         session = member.session
@@ -149,7 +149,7 @@ class ChatApp:
         session = member.session
         room = session.room
         online = room.leave(member, session)
-        log.info("disconnect %s: %s (%d online)", member.label, why, online)
+        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name)
         if session.username and not session.replaced:
             self._announce(room.name, f"* {session.username} left", sender=session.username, kind=LEAVE)
         self.rooms.unseat(room, session)

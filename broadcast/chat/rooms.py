@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.frames import Frame, Opcode
@@ -77,12 +78,14 @@ class RoomSettings:
 
 
 class Room:
-    def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget, feed=None) -> None:
+    def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget,
+                 clock: Callable[[], float] = time.monotonic, feed=None) -> None:
         self.name = name
         # Across nodes (bus.redis.RedisBus), or None: the room's order, ids, names and presence
         # are shared through it, and it delivers every message in here (``deliver`` with its id).
         self.feed = feed
         self._settings = settings
+        self._clock = clock
         # Guards the member tuples, _behind, history and presence.
         self.lock = threading.Lock()
         # Members in join order, one tuple per protocol, immutable so that a
@@ -102,7 +105,8 @@ class Room:
     def _new_history(self, epoch: str, last_seq: int) -> History:
         settings = self._settings
         return History(epoch, self.lock, self._budget, size=settings.history_size,
-                       max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s, last_seq=last_seq)
+                       max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s, clock=self._clock,
+                       last_seq=last_seq)
 
     def _restart_history_locked(self, epoch: str, last_seq: int) -> None:
         """Across nodes: the room's history is Redis's, under its epoch (which changes if Redis lost the room)."""
@@ -326,9 +330,10 @@ class Rooms(dict):
     """
 
     def __init__(self, settings: RoomSettings = RoomSettings(), max_rooms: int = 10_000,
-                 history_total_bytes: int = 64 * 1024 * 1024) -> None:
+                 history_total_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.settings = settings
+        self._clock = clock  # for history's TTL
         self.max_rooms = max_rooms
         self.budget = HistoryBudget(history_total_bytes)
         self._lock = threading.Lock()
@@ -355,7 +360,7 @@ class Rooms(dict):
                     self._sweep_locked()
                 if len(self) >= self.max_rooms:
                     raise Refused(503, "too many rooms")
-                room = self[name] = Room(name, self.settings, self.budget, self.feed)
+                room = self[name] = Room(name, self.settings, self.budget, self._clock, self.feed)
                 if self.feed is not None:
                     self._open_locked(room)
             seated = self._seat_locked(room, session, username, token)

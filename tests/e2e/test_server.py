@@ -110,7 +110,7 @@ def test_listening_line_reports_the_real_port(server):
         assert ws.recv(timeout=WAIT) == "hello"
 
 
-OTHER_PATHS = ["/", "/ws/", "/WS", "/wss", "/ws/chat", "/chat?path=/ws", "/healthz/ws"]
+OTHER_PATHS = ["/", "/WS", "/wss", "/chat?path=/ws", "/healthz/ws"]  # /ws/ROOM: test_rooms.py
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -321,7 +321,8 @@ def test_anonymous_clients_cause_no_notices(server):
         expect_silence(alice, 0.2)
 
 
-def test_names_need_not_be_unique_and_each_leave_is_announced(server):
+def test_with_duplicates_allowed_each_leave_is_announced(start_server):
+    server = start_server("--allow-duplicate-names")
     with client("websockets", server.url) as anon:
         wait_online(server, 1)
         with client("websockets", url_for(server, "twin")), client("websocket-client", url_for(server, "twin")):

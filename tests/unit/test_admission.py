@@ -106,12 +106,49 @@ def test_named_admission(path, name):
     assert admit(path) == Admission(name)
 
 
-@pytest.mark.parametrize("path", ["/", "", "/w", "/ws/", "/WS", "/wss", "/ws/x", "/api/ws", "/x?p=/ws", "//ws"])
+@pytest.mark.parametrize("path", ["/", "", "/w", "/WS", "/wss", "/api/ws", "/x?p=/ws", "//ws"])
 def test_other_paths_are_not_found(path):
     with pytest.raises(Refused) as info:
         admit(path)
     assert info.value.status == 404
     assert info.value.reason
+
+
+@pytest.mark.parametrize("path, room", [("/ws", "lobby"), ("/ws/x", "x"), ("/ws/Kitchen-2.b_c", "Kitchen-2.b_c"),
+                                        ("/ws/" + "r" * 64 + "?username=ann", "r" * 64)])
+def test_the_path_names_the_room(path, room):
+    assert admit(path).room == room
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/ws/", "must be 1 to 64 characters"),
+    ("/ws/" + "r" * 65, "must be 1 to 64 characters"),
+    ("/ws/a%20b", "may contain only A-Z a-z 0-9 _ . -"),
+    ("/ws/a/b", "may contain only A-Z a-z 0-9 _ . -"),
+    ("/ws/.hidden", "must start with a letter or digit"),
+])
+def test_a_bad_room_name_is_refused_with_the_reason(path, problem):
+    with pytest.raises(Refused) as info:
+        admit(path)
+    assert (info.value.status, info.value.reason) == (400, f"invalid room name: {problem}")
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("history=x", "invalid history: must be a whole number of messages"),
+    ("history=-1", "invalid history: must be a whole number of messages"),
+    ("history=1&history=2", "invalid history: given more than once"),
+    ("since=42", "invalid since: malformed message id: expected EPOCH:SEQ"),
+    ("since=ab:01", "invalid since: malformed message id: expected EPOCH:SEQ"),
+])
+def test_a_bad_history_or_since_is_refused(query, reason):
+    with pytest.raises(Refused) as info:
+        admit("/ws?" + query)
+    assert (info.value.status, info.value.reason) == (400, reason)
+
+
+def test_history_since_and_session_are_read_from_the_query():
+    asked = admit("/ws/r?history=5&since=kq3VZ0aB:42&session=tok")
+    assert (asked.history, tuple(asked.since), asked.session) == (5, ("kq3VZ0aB", 42), "tok")
 
 
 @pytest.mark.parametrize(

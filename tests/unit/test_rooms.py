@@ -1,0 +1,167 @@
+"""Rooms without sockets (broadcast.chat.rooms): frames built once per protocol, catch-up on join, lifetimes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from broadcast.chat.ids import MessageId
+from broadcast.chat.presence import NameTaken
+from broadcast.chat.rooms import JOIN, Rooms, RoomSettings
+from broadcast.net.app import QUEUED, Refused
+from support.fakes import FakeTime
+
+
+class Member:
+    """A joined connection as a room sees it: records what it is sent, in order."""
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+        self.frames: list[bytes] = []
+        self.accepted_first = None
+
+    def accept(self) -> None:
+        self.accepted_first = not self.frames
+
+    def send(self, frame: bytes) -> int:
+        self.frames.append(frame)
+        return QUEUED
+
+    def behind(self) -> bool:
+        return False
+
+
+def payload(frame: bytes) -> bytes:
+    """The payload of an unmasked frame under 64 KiB: a two-byte header, or four past 125 bytes."""
+    return frame[4:] if frame[1] == 126 else frame[2:]
+
+
+def decoded(member: Member) -> list[dict]:
+    return [json.loads(payload(f)) for f in member.frames]
+
+
+def joined(rooms: Rooms, name: str, id: int, structured: bool, username=None, history=None, since=None):
+    member, session = Member(id), object()
+    room, _ = rooms.seat(name, session, username, None)
+    room.join(member, structured, history, since)
+    return room, member, session
+
+
+def test_a_message_is_encoded_once_per_protocol_and_shared_by_every_member():
+    rooms = Rooms()
+    room, plain1, _ = joined(rooms, "r", 1, False)
+    _, plain2, _ = joined(rooms, "r", 2, False)
+    _, v1a, _ = joined(rooms, "r", 3, True)
+    _, v1b, _ = joined(rooms, "r", 4, True)
+    for m in (v1a, v1b):
+        m.frames.clear()  # their presence on joining
+    room.deliver(Opcode.TEXT, "[Ann] héllo".encode(), sender="Ann")
+    assert plain1.frames[0] is plain2.frames[0]
+    assert plain1.frames[0] == Frame(Opcode.TEXT, "[Ann] héllo".encode()).serialize(mask=False)
+    assert v1a.frames[0] is v1b.frames[0]
+    said = decoded(v1a)[0]
+    assert (said["kind"], said["from"], said["text"], said["room"]) == ("message", "Ann", "héllo", "r")
+    assert said["id"] == f"{room.history.epoch}:1"
+
+
+def test_binary_reaches_both_protocols_as_it_is_and_is_not_kept():
+    rooms = Rooms()
+    room, plain, _ = joined(rooms, "r", 1, False)
+    _, v1, _ = joined(rooms, "r", 2, True)
+    room.deliver(Opcode.BINARY, b"\x00\xff")
+    assert plain.frames[-1] is v1.frames[-1]
+    with room.lock:
+        assert len(room.history) == 0 and room.history.last_seq == 0
+
+
+def test_a_notice_carries_the_last_message_id_and_skips_the_joiner():
+    rooms = Rooms()
+    room, v1, _ = joined(rooms, "r", 1, True)
+    room.deliver(Opcode.TEXT, b"m")
+    room.deliver(Opcode.TEXT, b"* Bo joined", skip=1, sender="Bo", kind=JOIN)
+    room.deliver(Opcode.TEXT, b"* Cy joined", skip=2, sender="Cy", kind=JOIN)
+    notice = decoded(v1)[-1]
+    assert (notice["kind"], notice["from"], notice["id"]) == ("join", "Cy", f"{room.history.epoch}:1")
+    assert len(v1.frames) == 3  # presence, m, Cy's join: not its own skipped one
+
+
+def test_a_joiner_is_accepted_then_gets_history_then_presence_before_anything_live():
+    rooms = Rooms(RoomSettings(history_size=3))
+    room, _, _ = joined(rooms, "r", 1, False, username="Ann")
+    for i in range(5):
+        room.deliver(Opcode.TEXT, f"[Ann] m{i}".encode(), sender="Ann")
+    _, late, _ = joined(rooms, "r", 2, True)
+    _, plain, _ = joined(rooms, "r", 3, False, history=2)
+    assert late.accepted_first and plain.accepted_first
+    got = decoded(late)
+    assert [(o["kind"], o.get("text")) for o in got] == [("history", "m2"), ("history", "m3"), ("history", "m4"),
+                                                        ("presence", None)]
+    assert got[-1]["users"] == ["Ann"] and got[-1]["anonymous"] == 1  # itself; the plain one came after
+    assert [payload(f) for f in plain.frames] == [b"[Ann] m3", b"[Ann] m4"]
+
+
+@pytest.mark.parametrize("since, first, texts", [
+    (1, {"kind": "gap", "missed": 1}, ["m2", "m3", "m4"]),  # seq 2 was trimmed; 3..5 are kept
+    (3, None, ["m3", "m4"]),
+    (5, None, []),
+    (9, {"kind": "gap", "missed": None, "reason": "that id is past the room's last message"}, ["m2", "m3", "m4"]),
+])
+def test_since_replays_what_was_missed_or_says_what_was_lost(since, first, texts):
+    rooms = Rooms(RoomSettings(history_size=3))
+    room, _, _ = joined(rooms, "r", 1, False)
+    for i in range(5):
+        room.deliver(Opcode.TEXT, f"m{i}".encode())
+    _, back, _ = joined(rooms, "r", 2, True, since=MessageId(room.history.epoch, since))
+    got = decoded(back)
+    if first is not None:
+        assert {k: got[0][k] for k in first} == first
+        got = got[1:]
+    assert [o["text"] for o in got[:-1]] == texts
+    assert got[-1]["kind"] == "presence"
+
+
+def test_since_from_another_epoch_is_a_gap_then_the_joiners_history():
+    rooms = Rooms(RoomSettings(history_size=2))
+    room, _, _ = joined(rooms, "r", 1, False)
+    room.deliver(Opcode.TEXT, b"m0")
+    _, back, _ = joined(rooms, "r", 2, True, since=MessageId("elsewhere", 1))
+    gap, history, presence = decoded(back)
+    assert (gap["kind"], gap["missed"], gap["reason"]) == ("gap", None, "history restarted")
+    assert (history["kind"], history["text"], presence["kind"]) == ("history", "m0", "presence")
+
+
+def test_past_max_rooms_a_new_room_is_refused_and_an_idle_room_goes():
+    rooms = Rooms(RoomSettings(history_size=0), max_rooms=1)
+    room, member, session = joined(rooms, "a", 1, False)
+    with pytest.raises(Refused) as refused:
+        rooms.seat("b", object(), None, None)
+    assert (refused.value.status, refused.value.reason) == (503, "too many rooms")
+    room.leave(member, session)
+    rooms.unseat(room, session)
+    assert "a" not in rooms
+    rooms.seat("b", object(), None, None)
+
+
+def test_a_room_lives_while_it_has_history_and_goes_once_it_expires():
+    clock = FakeTime()
+    rooms = Rooms(RoomSettings(history_ttl_s=60.0), max_rooms=1, clock=clock.monotonic)
+    room, member, session = joined(rooms, "a", 1, False)
+    room.deliver(Opcode.TEXT, b"kept")
+    room.leave(member, session)
+    rooms.unseat(room, session)
+    assert rooms.listing() == [{"room": "a", "users": 0, "anonymous": 0}]
+    with pytest.raises(Refused):
+        rooms.seat("b", object(), None, None)
+    clock.now += 61.0
+    assert rooms.listing() == []
+    rooms.seat("b", object(), None, None)
+
+
+def test_a_name_is_seated_once_per_room():
+    rooms = Rooms()
+    rooms.seat("a", object(), "Ann", None)
+    with pytest.raises(NameTaken):
+        rooms.seat("a", object(), "Ann", None)
+    rooms.seat("b", object(), "Ann", None)
