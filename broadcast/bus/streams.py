@@ -1,7 +1,7 @@
 """Rooms across nodes on Redis Streams: one order per room, ids every node agrees on, and catch-up.
 
-Plain pub/sub (redis_bus.py) forgets what it relayed: a node cut off from
-Redis loses every other node's messages of that time. A stream keeps them,
+Plain pub/sub (the bus before this one) forgets what it relayed: a node cut
+off from Redis loses every other node's messages of that time. A stream keeps them,
 so a node that comes back reads on from the last entry it delivered and its
 clients miss nothing, within the stream's MAXLEN.
 
@@ -21,7 +21,9 @@ spread over 1, 10 and 100 rooms (redis-server 7.0 on 127.0.0.1, redis-py
   against 0.05-0.1 ms for one, paid once per READ_BLOCK_MS while idle.
 
 MAXLEN is per room as well, so a busy room cannot push a quiet room's
-history out, the rule the node's own history keeps (chat/history.py).
+history out, the rule the node's own history keeps (chat/history.py). Notes
+(notices and binary frames: in order, but no SEQ and in no history) count in
+it too.
 
 Keys (``P`` is the prefix, one per deployment)::
 
@@ -34,7 +36,8 @@ Keys (``P`` is the prefix, one per deployment)::
     P:node:NODE                 NODE's heartbeat, with PRESENCE_TTL_S
 
 The envelope is the entry's fields: ``v`` (ENVELOPE_VERSION), ``epoch``,
-``seq``, then the caller's own fields. A reader meets a version it does not
+``seq`` (a message) or ``after`` (a note: the SEQ of the last message before
+it), then the caller's own fields. A reader meets a version it does not
 speak (a newer node in a rolling upgrade) by skipping the entry and logging
 that once per version; it still advances past it and counts its SEQ, so
 the rest of the room keeps flowing. Upgrade path: deploy nodes that read the
@@ -68,7 +71,7 @@ from broadcast.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-ENVELOPE_VERSION = 1  # of the stream entry's fields; redis_bus.py's pub/sub envelope counts apart
+ENVELOPE_VERSION = 1  # of the stream entry's fields (the pub/sub bus's envelope, gone, counted apart)
 # Entries each room's stream keeps at least (MAXLEN ~ trims in whole
 # macro-nodes, so a few more): how far back catch-up and recovery reach.
 MAX_ENTRIES = 1000

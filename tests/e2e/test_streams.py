@@ -178,6 +178,21 @@ def test_history_then_live_with_no_gap_and_no_duplicate(nodes):
     assert a.gaps() == []
 
 
+def test_notes_come_in_order_without_a_seq_and_stay_out_of_history(nodes):
+    a, b = nodes("a"), nodes("b")
+    a.bus.follow("room", 0)
+    b.bus.publish("room", {"text": "m1"})
+    note = b.bus.publish("room", {"text": "joined"}, message=False)
+    b.bus.publish("room", {"text": "m2"})
+    got = a.wait_entries(3)
+    assert [(e.fields["text"], e.id.seq, e.message) for e in got] == [
+        (b"m1", 1, True), (b"joined", 1, False), (b"m2", 2, True)]
+    assert note == got[1].id  # a note carries the id of the last message before it
+    assert a.gaps() == []
+    assert texts(b.bus.follow("room", 10).entries) == [b"m1", b"m2"]
+    assert texts(b.bus.since("room", note.epoch, 1).entries) == [b"m2"]
+
+
 def test_follow_bounds_the_history(nodes):
     a = nodes("a")
     publish_all(a.bus, "room", "m", 20)
