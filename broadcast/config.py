@@ -358,7 +358,7 @@ def server_parser() -> OneLineParser:
     nodes.add_argument("--redis-channel", default="broadcast",
                        help="prefix of the rooms' Redis keys: one per deployment (default %(default)s)")
     nodes.add_argument("--redis-optional", action="store_true",
-                       help="start alone, with a warning, if Redis is unreachable at start")
+                       help="start with a warning if Redis is unreachable at start; rooms open once it is back")
     nodes.add_argument("--presence-ttl", type=seconds, default=10.0, metavar="SECONDS",
                        help="a node that dies leaves presence and frees its names within this (default 10)")
     return p

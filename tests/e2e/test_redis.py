@@ -5,7 +5,9 @@ Every test runs real ``scripts/server.py`` processes on 127.0.0.1 (conftest's
 executor starts on a free port (``support.redis``), and drives them over
 real sockets with ``websockets`` (sync) and ``websocket-client``. Nothing is
 mocked; every wait is bounded and waits for an event: a message, a log line,
-a /healthz answer, a PUBSUB NUMSUB count.
+a /healthz answer, a key or a stream in Redis. The messages go round each
+room's Redis stream (bus/streams.py); tests/e2e/test_rooms_redis.py has the
+rooms, ids, history, presence and cut-off node across nodes.
 
 The tests that need Redis are marked ``redis`` (``-m "not redis"`` leaves
 them out); without a redis-server binary they are SKIPPED, each with a
