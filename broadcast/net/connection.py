@@ -18,8 +18,8 @@ outbox          | reader, ticker, rooms' publishers, writer         | outbox.loc
                 |                                                   | output) also under lock, put not
 joined          | reader writes; ticker reads                       | lock for writes; the ticker's
                 |                                                   | unlocked read is at most a tick stale
-session, label  | reader writes once, before the member is shared;  | lock (written once)
-                | any reads after                                   |
+session, label, | reader writes once, before the member is shared;  | lock (written once)
+subprotocol     | any reads after                                   |
 why             | reader, ticker, shutdown, evicting publishers     | lock for writes; a read without it
                 |                                                   | sees one whole string or another
 _ping           | reader (pong) and ticker (ping) write             | lock for writes; the ticker's

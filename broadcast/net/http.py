@@ -31,8 +31,8 @@ class Reply:
 
 
 # path -> handler(request) -> Reply; the handlers run under the connection's lock, so they must not block.
-# A path ending in "/" also answers every path one segment below it ("/rooms/" answers "/rooms/lobby").
-# A handler may raise Refused.
+# A path ending in "/" also answers every path one segment below it ("/rooms/" answers "/rooms/lobby"),
+# except "/" itself, which answers only "/": "/ws" must stay the application's. A handler may raise Refused.
 Routes = dict[str, Callable[[object], Reply]]
 
 
@@ -40,7 +40,9 @@ def route(routes: Routes, path: str) -> Callable[[object], Reply] | None:
     """The handler for ``path``: its own entry, else its parent's ``/`` entry; None for a WebSocket path."""
     handler = routes.get(path)
     if handler is None:
-        handler = routes.get(path[:path.rfind("/") + 1])
+        parent = path[:path.rfind("/") + 1]
+        if parent != "/":
+            handler = routes.get(parent)
     return handler
 
 
