@@ -36,6 +36,10 @@ SECTIONS = ("server", "client")
 SWITCH_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 MIB = 1024 * 1024
+LOG_FORMATS = ("text", "json")
+# The metrics listener answers anyone who reaches it, with no token: loopback
+# unless the operator names an address a scraper on another host can use.
+METRICS_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class ServerConfig:
     open_timeout: float
     shutdown_timeout: float
     log_level: str
+    log_format: str  # "text" or "json"
+    no_metrics: bool
+    metrics_host: str | None  # with metrics_port: /metrics on a listener of its own
+    metrics_port: int | None
     allowed_origin: list[str] | None
     token: str | None
     certfile: str | None
@@ -317,6 +325,16 @@ def server_parser() -> OneLineParser:
                    help="how long SIGINT/SIGTERM waits for clients to close; 0 drops them at once "
                         "(default %(default)s)")
     p.add_argument("--log-level", type=_log_level, default="INFO", help="(default %(default)s)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="text: one readable line a record; json: one JSON object a line, for log shippers "
+                        "(default %(default)s)")
+    metrics = p.add_argument_group("metrics")
+    metrics.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics at all")
+    metrics.add_argument("--metrics-port", type=port, default=None,
+                         help="serve /metrics on this port of its own instead of on the WebSocket port; "
+                              "0 picks a free one (default: on the WebSocket port)")
+    metrics.add_argument("--metrics-host", default=None,
+                         help=f"address of the --metrics-port listener (default {METRICS_HOST})")
     security = p.add_argument_group("security")
     security.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
                           help="accept browsers only from this Origin (repeatable); "
@@ -412,6 +430,12 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         parser.error("--keyfile needs --certfile")
     if not config.presence_ttl > 0:
         parser.error("--presence-ttl must be > 0")
+    if config.metrics_host and config.metrics_port is None:
+        parser.error("--metrics-host needs --metrics-port")
+    if config.no_metrics and config.metrics_port is not None:
+        parser.error("--no-metrics and --metrics-port contradict each other")
+    if config.metrics_port is not None and not config.metrics_host:
+        config.metrics_host = METRICS_HOST
     if config.rate_burst is None:
         config.rate_burst = max(1, round(config.rate_limit))
     return _typed(ServerConfig, config)

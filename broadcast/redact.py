@@ -6,7 +6,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameters that carry a secret: our ?token=, and redis-py's ?password=.
-SECRET_PARAMS = frozenset({"token", "password"})
+SECRET_PARAMS = frozenset({"token", "password", "session"})  # a session token is a credential for a name
 
 
 def redact_url(url: str) -> str:

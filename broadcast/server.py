@@ -23,13 +23,14 @@ import threading
 import time
 import uuid
 
-from . import logs
+from . import __version__, logs
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
 from .chat.app import ROOMS_PATH, ChatApp
 from .chat.rooms import Rooms, RoomSettings
 from .config import ServerConfig, parse_server_args
+from .metrics import CONTENT_TYPE, Metrics
 from .net.connection import WIRE_LOG
 from .net.http import Reply
 from .net.listener import Listener
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 THREAD_STACK_BYTES = 256 * 1024
 # Load balancers' health check, on the WebSocket port.
 HEALTH_PATH = "/healthz"
+# Prometheus's default scrape path, on the WebSocket port unless --metrics-port moves it.
+METRICS_PATH = "/metrics"
 
 
 class Server:
@@ -50,20 +53,27 @@ class Server:
         self.config = config
         tls = server_context(config.certfile, config.keyfile) if config.certfile else None
         self.node_id = uuid.uuid4().hex[:12]
+        self.metrics = Metrics(__version__, self.node_id)
         settings = RoomSettings(config.history_size, config.history_bytes, config.history_ttl,
                                 config.allow_duplicate_names)
         self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
-                                history=config.history_size, presence_ttl_s=config.presence_ttl)
+                                self.metrics.redis_publish_seconds, history=config.history_size,
+                                presence_ttl_s=config.presence_ttl)
             self.rooms.feed = self.bus
         else:
             self.bus = LocalBus(self.rooms)
-        app = ChatApp(admission.Policy(config.token, config.require_username), self.rooms, self.bus)
+        self.policy = admission.Policy(config.token, config.require_username)
+        app = ChatApp(self.policy, self.rooms, self.bus)
         if config.redis_url:
             self.bus.on_name_lost = app.name_lost
         routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
-        self.listener = Listener(config, app, routes, tls)
+        if not config.no_metrics and config.metrics_port is None:
+            routes[METRICS_PATH] = self._metrics
+        self.listener = Listener(config, app, routes, tls, self.metrics)
+        self.metrics.watch(self.listener.traffic, lambda: len(self.rooms), lambda: self.rooms.budget.used,
+                           lambda: self.bus.state)
 
     def _health(self, request) -> Reply:
         """For load balancers: 503 takes a node cut off from Redis out of rotation."""
@@ -72,15 +82,40 @@ class Server:
         healthy = state in ("ok", "off") and not self.listener.full()
         return Reply(200 if healthy else 503, "application/json", (json.dumps(body) + "\n").encode())
 
+    def _metrics(self, request) -> Reply:
+        """Prometheus text; behind --token as the WebSocket is, since it tells who is busy and how much."""
+        admission.authorize(request.path, request.headers, self.policy)  # Refused: 401
+        return Reply(200, CONTENT_TYPE, self.metrics.render())
+
     def listen(self) -> None:
         """Bind and listen, and say where; raises OSError (port in use, bad host)."""
         listener = self.listener
         listener.listen()
-        host, port = listener.address
-        bound = f"[{host}]" if listener.ipv6 else host
-        url = f"{'wss' if listener.tls else 'ws'}://{bound}:{port}{admission.WS_PATH}"
-        log.info("listening on %s", url)
+        url = f"{'wss' if listener.tls else 'ws'}://{self._netloc()}{admission.WS_PATH}"
+        log.info("listening on %s", url, extra={"event": "listening", "url": url})
         self._log_exposure(url)
+
+    def _netloc(self) -> str:
+        """Where the listener listens, as a URL has it (an IPv6 host in brackets)."""
+        host, port = self.listener.address
+        return f"[{host}]:{port}" if self.listener.ipv6 else f"{host}:{port}"
+
+    def serve_metrics(self) -> None:
+        """Say where /metrics is, after ``listen``; start its own listener if it has one (raises OSError)."""
+        c = self.config
+        if c.no_metrics:
+            log.info("metrics: off")
+            return
+        if c.metrics_port is None:
+            url = f"{'https' if self.listener.tls else 'http'}://{self._netloc()}{METRICS_PATH}"
+            log.info("metrics on %s, token %s", url, "on" if c.token else "off",
+                     extra={"event": "metrics", "url": url})
+            return
+        host, port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{METRICS_PATH}"
+        log.info("metrics on %s, no token", url, extra={"event": "metrics", "url": url})
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("the metrics listener answers anyone who reaches %s: keep it off the public network", url)
 
     def _log_exposure(self, url: str) -> None:
         """Say in one line who can reach this node, and warn when that is anyone, in clear."""
@@ -120,7 +155,7 @@ def _raise_open_file_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_server_args(argv)
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     # websockets logs every open and close at INFO; ours already does, once.
     WIRE_LOG.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     for warning in config.config_warnings:
@@ -160,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         server.listen()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+    try:
+        server.serve_metrics()
+    except OSError as exc:
+        log.error("cannot listen for metrics on %s:%d: %s", config.metrics_host, config.metrics_port,
+                  exc.strerror or exc)
         return 1
 
     server.start()

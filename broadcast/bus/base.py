@@ -7,7 +7,7 @@ and under the ids Redis gives them. A bus delivers into rooms
 (``rooms[name].deliver(opcode, payload, skip, sender, kind)``, where the
 room numbers, encodes and keeps it; round Redis with ``id`` and ``ts`` too),
 given to it as an object; it imports neither the engine nor the chat beyond
-the ids (chat.ids).
+the ids (broadcast.ids).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ RedisUnavailable = Unavailable  # what check() and publish() raise
 class RedisBus:
     """Rooms delivered from their Redis streams, with history, presence and names shared by every node."""
 
-    def __init__(self, rooms, url: str, prefix: str, node_id: str, *, history: int = 0,
-                 presence_ttl_s: float = PRESENCE_TTL_S) -> None:
+    def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, *,
+                 history: int = 0, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self._rooms = rooms  # name -> room, with .deliver(...)
         self.node_id = node_id
         self._node = node_id.encode()
@@ -60,6 +60,7 @@ class RedisBus:
                                   prefix=prefix, max_entries=max(STREAM_ENTRIES, history),
                                   presence_ttl_s=presence_ttl_s)
         self.url = self.streams.url
+        self._publish_seconds = publish_seconds  # a histogram (metrics), or None
         self._mids = itertools.count(1)  # next() is atomic: a node's own publishes, told apart
         # _lock guards _unechoed; its condition tells settle() an own message came back.
         self._lock = threading.Condition()
@@ -110,12 +111,15 @@ class RedisBus:
             fields["skip"] = str(skip)
         with self._lock:
             self._unechoed.add(mid)
+        started = time.monotonic()
         try:
             self.streams.publish(room, fields, message=opcode is Opcode.TEXT and kind == MESSAGE)
         except Unavailable:
             with self._lock:
                 self._unechoed.discard(mid)
             raise
+        if self._publish_seconds is not None:
+            self._publish_seconds.observe(time.monotonic() - started)
         return mid
 
     def settle(self, mid: int) -> None:

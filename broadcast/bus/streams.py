@@ -66,7 +66,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from broadcast.chat.ids import MessageId, new_epoch
+from broadcast.ids import MessageId, new_epoch
 from broadcast.redact import redact_url
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from ..net.app import Refused, request_target
-from .ids import BadId, MessageId, parse_id
+from ..ids import BadId, MessageId, parse_id
 from .names import DEFAULT_ROOM, WS_PATH, RoomPathError, room_from_path
 
 MAX_NAME_CHARS = 32

@@ -20,7 +20,7 @@ from websockets.frames import Opcode
 
 from ..net.app import Admit, Member, Refused, request_target
 from . import admission, structured
-from .ids import MessageId
+from ..ids import MessageId
 from .presence import REPLACED_CODE, REPLACED_REASON, NameTaken
 from .rooms import JOIN, LEAVE, Room, Rooms, prefix, text_frame
 
@@ -88,7 +88,9 @@ class ChatApp:
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
         online = session.room.join(member, session.structured, session.history, session.since)
-        log.info("connect %s (%d online), room %s", member.label, online, session.room.name)
+        log.info("connect %s (%d online), room %s", member.label, online, session.room.name,
+                 extra={"event": "connect", "peer": member.peer, "user": session.username,
+                        "room": session.room.name, "online": online})
 
     def ready(self, member: Member) -> None:
         session = member.session
@@ -149,7 +151,10 @@ class ChatApp:
         session = member.session
         room = session.room
         online = room.leave(member, session)
-        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name)
+        log.info("disconnect %s: %s (%d online), room %s", member.label, why, online, room.name,
+                 extra={"event": "disconnect", "peer": member.peer, "user": session.username,
+                        "room": room.name, "code": int(member.close_code),
+                        "reason": member.close_class, "online": online})
         if session.username and not session.replaced:
             self._announce(room.name, f"* {session.username} left", sender=session.username, kind=LEAVE)
         self.rooms.unseat(room, session)

@@ -24,7 +24,7 @@ from itertools import islice
 from operator import itemgetter
 from typing import NamedTuple
 
-from broadcast.chat.ids import format_id
+from broadcast.ids import format_id
 
 # What one kept entry costs beyond its two frames' bytes: the Entry object,
 # the two bytes objects' headers, its two floats and its int, and its deque

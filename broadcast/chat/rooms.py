@@ -30,7 +30,7 @@ from websockets.frames import Frame, Opcode
 from ..net.app import EVICTED, Refused
 from . import structured
 from .history import Entry, History, HistoryBudget
-from .ids import MessageId, format_id, new_epoch
+from ..ids import MessageId, format_id, new_epoch
 from .names import DEFAULT_ROOM
 from .presence import NameTaken, Presence, Seated
 

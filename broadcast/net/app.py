@@ -72,6 +72,8 @@ class Member(Protocol):
     label: str  # who it is, for log lines: the application's Admit.label once admitted
     session: object  # the application's, from Admit
     subprotocol: str | None  # what the handshake negotiated of the application's ``subprotocols``
+    close_code: int  # once it has left: the close code (1006 if none), for log fields
+    close_class: str  # and why, as one of net.meter.CLOSE_CLASSES
 
     def send(self, frame: bytes) -> int:
         """Queue one encoded data frame: QUEUED, BEHIND or EVICTED (then call ``evict``, outside locks)."""

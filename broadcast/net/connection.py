@@ -20,8 +20,9 @@ joined          | reader writes; ticker reads                       | lock for w
                 |                                                   | unlocked read is at most a tick stale
 session, label, | reader writes once, before the member is shared;  | lock (written once)
 subprotocol     | any reads after                                   |
-why             | reader, ticker, shutdown, evicting publishers     | lock for writes; a read without it
-                |                                                   | sees one whole string or another
+why,            | reader, ticker, shutdown, evicting publishers     | lock for writes; a read without it
+close_code,     |                                                   | sees one whole string or another
+close_class     |                                                   |
 _ping           | reader (pong) and ticker (ping) write             | lock for writes; the ticker's
                 |                                                   | unlocked read is at most a tick stale
 _ping_at        | ticker                                            | lock (written with _ping)
@@ -75,6 +76,18 @@ CONNECTION_LOST = "connection lost"
 # or was refused) asks the allocator to return free memory to the OS: glibc
 # keeps freed heap, so 500 such leavers would leave us hundreds of MiB bigger.
 TRIM_AFTER_BYTES = 64 * 1024
+# The close class (net/meter.py) of each reason we close or drop a client
+# for; a reason not listed here is "server".
+_CLOSE_CLASSES = {
+    "slow consumer": "slow_consumer",
+    "rate limit exceeded": "rate_limit",
+    "keepalive ping timeout": "keepalive",
+    "server busy: too many unfinished messages": "busy",
+    "server shutting down": "shutdown",
+    CONNECTION_LOST: "lost",
+    "write timeout": "write_timeout",
+    "shutdown timeout": "shutdown_timeout",
+}
 
 
 class Connection:
@@ -84,6 +97,7 @@ class Connection:
         config = listener.config
         self._listener = listener  # the owner of the connection set, limits and budget
         self._app = listener.app
+        self._meter = listener.meter
         self.id = id
         self.transport = transport
         self.ip = ip
@@ -109,6 +123,10 @@ class Connection:
         self._response: list[bytes] = []  # the 101, until accept() queues it
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self.why = CONNECTION_LOST  # for the disconnect log line
+        # The same, for the metrics and the JSON log: the close code (1006 if
+        # none was exchanged) and its class, never the client's text.
+        self.close_code = CloseCode.ABNORMAL_CLOSURE
+        self.close_class = _CLOSE_CLASSES[CONNECTION_LOST]
         # Message being reassembled from fragments (already checked by the
         # protocol), in one buffer: a list of parts costs ~70 bytes a fragment.
         self._partial = bytearray()
@@ -136,7 +154,7 @@ class Connection:
                 if not closed:
                     self._read_loop()
         except Exception:
-            log.exception("error on connection from %s", self.peer)
+            log.exception("error on connection from %s", self.peer, extra={"event": "error", "peer": self.peer})
         finally:
             self._leave()
             self._let_go()
@@ -165,6 +183,7 @@ class Connection:
             data = self.transport.recv()
             if not data:
                 return None
+            self._meter.received(len(data))
             received += len(data)
             with self.lock:
                 if received > MAX_HANDSHAKE_BYTES:
@@ -202,7 +221,7 @@ class Connection:
             target = request_target(request.path, request.headers)
             handler = route(self._listener.routes, target.path)
             if handler is not None:
-                return respond(handler(request))
+                return respond(handler(request))  # a route may raise Refused too
             verdict = self._app.admit(request, self.peer)
             if isinstance(verdict, Refused):
                 raise verdict
@@ -212,7 +231,7 @@ class Connection:
                 self._app.abandon(verdict.session)
                 raise
         except Refused as refused:
-            log.info("refused %s: %d %s", self.peer, refused.status, refused.reason)
+            self._log_refused(int(refused.status), refused.reason)
             return refusal(refused)
         response = protocol.accept(request)
         if response.status_code == 101:
@@ -226,8 +245,14 @@ class Connection:
             self._app.abandon(verdict.session)
             # The library's reason names the header at fault and its value:
             # for a refused Origin, the origin itself.
-            log.info("refused %s: %d %s", self.peer, response.status_code, protocol.handshake_exc)
+            self._log_refused(response.status_code, str(protocol.handshake_exc))
         return response
+
+    def _log_refused(self, status: int, reason: str) -> None:
+        """One line and one count for a WebSocket request answered with ``status``."""
+        self._meter.refused(status)
+        log.info("refused %s: %d %s", self.peer, status, reason,
+                 extra={"event": "refused", "peer": self.peer, "status": status, "reason": reason})
 
     def _early_frames_locked(self) -> list[Frame]:
         """Parse what came right behind the request, and join unless it failed the connection.
@@ -242,7 +267,9 @@ class Connection:
         protocol.receive_data(b"")  # resume the parser held by _FramesAfterResponse
         early = protocol.events_received()
         if protocol.state is not OPEN and protocol.close_rcvd is None:
-            log.info("refused %s: closed by server: %s", self.peer, protocol.close_sent)
+            log.info("refused %s: closed by server: %s", self.peer, protocol.close_sent,
+                     extra={"event": "refused", "peer": self.peer, "code": protocol.close_sent.code,
+                            "reason": "protocol"})
             self._app.abandon(self.session)
             self.outbox.put_control(response, closing=True)
             self._push_locked()
@@ -266,15 +293,19 @@ class Connection:
         """The parser gave up on the request; say why, to the log and to the client."""
         assert self.lock.locked()
         problem = self.protocol.handshake_exc
-        log.info("refused %s: malformed request: %s", self.peer, problem.__cause__ or problem)
         writes = self.protocol.data_to_send()
         if writes == [SEND_EOF]:  # no response, unlike a too-long line's 414 or 431
             writes.insert(0, refusal(Refused(400, "malformed HTTP request")).serialize())
+        status = int(writes[0].split(b" ", 2)[1])  # the library's "HTTP/1.1 414 ...", or ours
+        self._meter.refused(status)
+        log.info("refused %s: malformed request: %s", self.peer, problem.__cause__ or problem,
+                 extra={"event": "refused", "peer": self.peer, "status": status, "reason": "malformed request"})
         self.outbox.put_control(writes, closing=True)
         self._push_locked()  # nothing left to move: it sets the close deadline
 
     def _refuse_locked(self, refused: Refused) -> None:
         assert self.lock.locked()
+        self._meter.refused(refused.status)
         self.protocol.send_response(refusal(refused))
         self._push_locked()
 
@@ -282,6 +313,7 @@ class Connection:
         protocol = self.protocol
         while True:
             data = self.transport.recv()
+            self._meter.received(len(data))
             with self.lock:
                 if data:
                     protocol.receive_data(data)
@@ -350,6 +382,7 @@ class Connection:
             with self.lock:
                 if self.protocol.close_rcvd_then_sent:
                     self.why = f"closed by client: {self.protocol.close_rcvd}"
+                    self.close_code, self.close_class = self.protocol.close_rcvd.code, "client"
             self._settle()
             self._leave()  # before the close is answered: once it is, the client is gone
         return True
@@ -362,7 +395,9 @@ class Connection:
             if joined and self.why == CONNECTION_LOST and sent is not None:
                 # The library's parser closed on its own (1002, 1007, 1009).
                 self.why = f"closed by server: {sent}"
+                self.close_code, self.close_class = sent.code, "protocol"
         if joined:
+            self._meter.closed(self.close_code, self.close_class)
             self._app.closed(self, self.why)
 
     def _hold(self, held: int) -> None:
@@ -392,6 +427,7 @@ class Connection:
         if self._bucket is not None and not self._bucket.take():
             self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return False
+        self._meter.message()
         self._unechoed = self._app.message(self, opcode, payload)
         return True
 
@@ -412,6 +448,7 @@ class Connection:
         with self.lock:
             if self.protocol.state is OPEN:
                 self.why = f"closed by server: {code} {reason}"
+                self.close_code, self.close_class = code, _CLOSE_CLASSES.get(reason, "server")
                 self.protocol.send_close(code, reason)
                 self._push_locked()
             elif self._close_by is None:
@@ -427,7 +464,9 @@ class Connection:
         if self.protocol.state is not OPEN:
             return
         self.why = f"failed: {code} {reason}"
-        log.warning("closing %s: %d %s", self.label, code, reason)
+        self.close_code, self.close_class = code, _CLOSE_CLASSES.get(reason, "server")
+        log.warning("closing %s: %d %s", self.label, code, reason,
+                    extra={"event": "closing", "peer": self.peer, "code": int(code), "reason": self.close_class})
         self.protocol.fail(code, reason)
         self._push_locked()
 
@@ -438,14 +477,18 @@ class Connection:
 
     def _evict_locked(self) -> None:
         assert self.lock.locked()
+        if self.protocol.state is OPEN:  # once: a closing connection is past evicting
+            self._meter.evicted()
         self._fail_locked(CloseCode.POLICY_VIOLATION, "slow consumer")
         grace = time.monotonic() + EVICT_GRACE_S
         if self._close_by is not None and grace < self._close_by:
             self._close_by = grace
 
     def abort(self, why: str) -> None:
+        """Hang up with no closing handshake, for ``why``."""
         with self.lock:
             self.why = why
+            self.close_code, self.close_class = CloseCode.ABNORMAL_CLOSURE, _CLOSE_CLASSES.get(why, "server")
         self.transport.abort()
 
     def drop(self, why: str) -> None:
@@ -457,7 +500,7 @@ class Connection:
         """Enforce deadlines; called by the ticker thread."""
         if self._close_by is not None:
             if now >= self._close_by:
-                self.abort(self.why)
+                self.transport.abort()  # why it closes was said when the close began
             return
         blocked_since = self.outbox.blocked_since
         if write_timeout and blocked_since is not None and now - blocked_since > write_timeout:

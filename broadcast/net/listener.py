@@ -3,7 +3,8 @@
 The acceptor refuses a connection that would pass the handshake caps at
 accept, so that a flood costs an accept and no more. ``_lock`` (a
 Condition, so that shutdown can wait for the set to empty) guards
-``_conns``, ``_per_ip``, ``_opening``, ``_opening_per_ip`` and ``_stopping``.
+``_conns``, ``_per_ip``, ``_opening``, ``_opening_per_ip``, ``_stopping`` and
+``_delivered_before``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .app import Application, Refused
 from .connection import Connection
 from .http import Routes
 from .limits import AddressCounts, ByteBudget, limits_header
+from .meter import Meter, Traffic
 from .outbox import WriterPool
 from .ticker import Ticker
 from .tls import TLSTransport
@@ -48,9 +50,10 @@ OPENING_FD_SHARE = 4
 
 
 class Listener:
-    def __init__(self, config: ServerConfig, app: Application, routes: Routes, tls) -> None:
+    def __init__(self, config: ServerConfig, app: Application, routes: Routes, tls, meter: Meter) -> None:
         self.config = config
         self.app = app
+        self.meter = meter
         self.routes = routes
         self.tls = tls  # an ssl.SSLContext for wss://, or None
         # Browsers always send Origin, so a missing one (None) is a non-browser
@@ -66,6 +69,7 @@ class Listener:
         self._opening: set[Connection] = set()  # those of _conns that have not joined (yet)
         self._opening_per_ip = AddressCounts()
         self._stopping = False
+        self._delivered_before = 0  # frames queued to connections since forgotten: a counter never goes down
         self._ids = itertools.count(1)  # next() is atomic: connection ids never repeat
         self._socket: socket.socket | None = None
         self.address: tuple[str, int] | None = None
@@ -123,7 +127,7 @@ class Listener:
             except OSError as exc:
                 if self._stopping:
                     return
-                log.error("accept failed: %s", exc)
+                log.error("accept failed: %s", exc, extra={"event": "error"})
                 time.sleep(ACCEPT_BACKOFF_S)
                 continue
             peer = f"{addr[0]}:{addr[1]}"
@@ -131,7 +135,8 @@ class Listener:
                 crowded = self._crowded_locked(addr[0])
             if crowded:
                 # Before a thread or a protocol is spent on it: a flood costs an accept.
-                log.info("refused %s: %s", peer, crowded)
+                log.info("refused %s: %s", peer, crowded,
+                         extra={"event": "refused", "peer": peer, "reason": crowded})
                 sock.close()
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -151,7 +156,7 @@ class Listener:
             try:
                 threading.Thread(target=conn.run, name=f"conn-{peer}", daemon=True).start()
             except RuntimeError as exc:  # out of threads
-                log.error("cannot serve %s: %s", peer, exc)
+                log.error("cannot serve %s: %s", peer, exc, extra={"event": "error", "peer": peer})
                 self.forget(conn)
                 transport.close()
 
@@ -170,6 +175,15 @@ class Listener:
     def connections(self) -> tuple[Connection, ...]:
         with self._lock:
             return tuple(self._conns)
+
+    def traffic(self) -> Traffic:
+        """For the metrics, when scraped: a walk over every connection, without their locks."""
+        with self._lock:
+            conns = tuple(self._conns)
+            opening = len(self._opening)
+            delivered = self._delivered_before + sum(conn.outbox.frames for conn in conns)
+        queued = sum(conn.outbox.queued + len(conn.outbox.head) for conn in conns)
+        return Traffic(len(conns) - opening, opening, queued, delivered, self.writers.sent_bytes())
 
     def full(self) -> bool:
         """No room for one more joined client; what /healthz and admission both go by."""
@@ -199,6 +213,7 @@ class Listener:
     def forget(self, conn: Connection) -> None:
         with self._lock:
             self._conns.remove(conn)
+            self._delivered_before += conn.outbox.frames  # released: it queues no more
             self._per_ip.remove(conn.ip)
             if conn in self._opening:
                 self._opened_locked(conn)

@@ -51,7 +51,7 @@ class Outbox:
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "queued", "head",
         "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
-        "drained", "caught_up",
+        "drained", "caught_up", "frames",
     )
 
     def __init__(self, transport: Transport, writer: Writer, limit: int) -> None:
@@ -71,6 +71,7 @@ class Outbox:
         self.blocked_since: float | None = None  # socket full since then
         self.drained: threading.Event | None = None  # set when idle; for drain()
         self.caught_up: threading.Event | None = None  # set when back under the bound; for wait()
+        self.frames = 0  # data frames queued, for the metrics (under lock)
 
     def put(self, frame: bytes) -> int:
         """Queue one data frame; QUEUED, or BEHIND or EVICTED past the bound.
@@ -94,6 +95,7 @@ class Outbox:
                 state = BEHIND
             self.chunks.append(frame)
             self.queued = queued
+            self.frames += 1
             if self.scheduled:
                 return state
             self.scheduled = True
@@ -225,6 +227,7 @@ class Outbox:
                 self.head = b""
                 self._catch_up_locked()
                 return self._idle()  # nothing more can be sent: drain() must not wait
+        self.writer.sent_bytes += sent  # only this writer's thread adds to it
         with self.lock:
             if self.caught_up is not None and self.queued + len(head) - sent <= self.limit:
                 self._catch_up_locked()
@@ -258,6 +261,7 @@ class Writer:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._sleeping = False
+        self.sent_bytes = 0  # for the metrics; its own thread writes it, others only read
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -331,3 +335,6 @@ class WriterPool:
 
     def pick(self) -> Writer:
         return next(self._next)
+
+    def sent_bytes(self) -> int:
+        return sum(writer.sent_bytes for writer in self._writers)

@@ -59,6 +59,7 @@ class FakeTransport:
 class FakeWriter:
     def __init__(self) -> None:
         self.scheduled: list[Outbox] = []
+        self.sent_bytes = 0  # the outbox adds what its socket took, for the metrics
 
     def schedule(self, outbox: Outbox) -> None:
         self.scheduled.append(outbox)
@@ -102,6 +103,15 @@ def test_put_under_the_bound_queues_and_schedules_the_outbox_once():
     assert outbox.put(b"b" * 10) == QUEUED
     assert writer.scheduled == [outbox]
     assert outbox.queued == 20
+
+
+def test_the_metrics_tallies_count_frames_queued_and_bytes_the_socket_took(clock):
+    outbox, transport, writer = make(limit=4, takes=3)
+    assert [outbox.put(b"abcd"), outbox.put(b"efgh")] == [QUEUED, QUEUED]
+    assert outbox.flush() == BLOCKED  # the socket took 3 of 8 bytes
+    stall(outbox, transport, clock)  # then nothing
+    assert outbox.put(b"ijkl") == EVICTED  # dropped, so not counted
+    assert (outbox.frames, writer.sent_bytes) == (2, 3)
 
 
 def test_a_frame_larger_than_the_bound_is_admitted_to_an_empty_outbox():

@@ -7,7 +7,7 @@ import json
 import pytest
 from websockets.frames import Frame, Opcode
 
-from broadcast.chat.ids import MessageId
+from broadcast.ids import MessageId
 from broadcast.chat.presence import NameTaken
 from broadcast.chat.rooms import JOIN, Rooms, RoomSettings
 from broadcast.net.app import QUEUED, Refused

@@ -4,6 +4,10 @@ SEQ counts the room's messages from 1; EPOCH names the history that SEQ
 belongs to, so that a SEQ from before a node restart (a new history, counting
 from 1 again) is never taken for one of the new history's. To a client the
 id is opaque; it only hands it back as ``?since=``.
+
+Top level, beside config and redact, because two layers share it: chat/
+numbers a room's history with it on one node, and bus/ has Redis assign it
+across nodes.
 """
 
 from __future__ import annotations

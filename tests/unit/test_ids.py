@@ -1,4 +1,4 @@
-"""Message ids EPOCH:SEQ (broadcast.chat.ids)."""
+"""Message ids EPOCH:SEQ (broadcast.ids)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from broadcast.chat.ids import MAX_SEQ, BadId, MessageId, format_id, new_epoch, parse_id
+from broadcast.ids import MAX_SEQ, BadId, MessageId, format_id, new_epoch, parse_id
 
 
 def test_an_id_round_trips():
