@@ -57,6 +57,7 @@ class ServerConfig:
     max_pending_bytes: int
     open_timeout: float
     shutdown_timeout: float
+    no_web: bool
     log_level: str
     log_format: str  # "text" or "json"
     no_metrics: bool
@@ -324,6 +325,8 @@ def server_parser() -> OneLineParser:
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0, metavar="SECONDS",
                    help="how long SIGINT/SIGTERM waits for clients to close; 0 drops them at once "
                         "(default %(default)s)")
+    p.add_argument("--no-web", action="store_true",
+                   help="serve no chat page at / (it is on by default, on the WebSocket port)")
     p.add_argument("--log-level", type=_log_level, default="INFO", help="(default %(default)s)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                    help="text: one readable line a record; json: one JSON object a line, for log shippers "

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from . import __version__, logs
+from . import __version__, logs, web
 from .bus.local import LocalBus
 from .bus.redis import RedisBus, RedisUnavailable
 from .chat import admission
@@ -71,6 +71,8 @@ class Server:
         routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
         if not config.no_metrics and config.metrics_port is None:
             routes[METRICS_PATH] = self._metrics
+        if not config.no_web:
+            routes.update(web.routes())
         self.listener = Listener(config, app, routes, tls, self.metrics)
         self.metrics.watch(self.listener.traffic, lambda: len(self.rooms), lambda: self.rooms.budget.used,
                            lambda: self.bus.state)
@@ -93,6 +95,9 @@ class Server:
         listener.listen()
         url = f"{'wss' if listener.tls else 'ws'}://{self._netloc()}{admission.WS_PATH}"
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
+        if not self.config.no_web:
+            page = f"{'https' if listener.tls else 'http'}://{self._netloc()}/"
+            log.info("chat page at %s", page, extra={"event": "page", "url": page})
         self._log_exposure(url)
 
     def _netloc(self) -> str:

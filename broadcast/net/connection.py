@@ -51,6 +51,7 @@ from .http import refusal, respond, route
 from .limits import LIMITS_HEADER, TokenBucket, give_back_memory
 from .outbox import Outbox
 from .protocol import BroadcastProtocol
+from .stack import give_back_stack
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class Connection:
         try:
             early = self._open()
             if early is not None:
+                give_back_stack()  # the handshake went deeper than the reads will
                 self._handle(early)
                 with self.lock:
                     self._push_locked()  # the early frames' pongs or close, after their messages

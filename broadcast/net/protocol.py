@@ -27,7 +27,7 @@ import codecs
 from collections.abc import Generator
 
 from websockets.frames import Frame, Opcode
-from websockets.protocol import CONNECTING, Protocol
+from websockets.protocol import OPEN, Protocol
 from websockets.server import ServerProtocol
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -41,15 +41,17 @@ class _FramesAfterResponse(Protocol):
     still CONNECTING: a pipelined second request then fails as a bad frame
     and half-closes before the first is answered, and an early ping's pong
     is queued ahead of the 101. Sits between ServerProtocol and Protocol in
-    the MRO, where ServerProtocol's ``super().parse()`` lands. The caller
-    resumes it with ``receive_data(b"")`` after ``send_response``; a refusal
-    replaces the parser with ``discard`` and never resumes it.
+    the MRO, where ServerProtocol's ``super().parse()`` lands, and waits.
+    The 101 replaces the whole chain with a fresh frame parser
+    (``BroadcastProtocol.send_response``), which the caller starts with
+    ``receive_data(b"")``: ServerProtocol's suspended frame would hold the
+    Request and its headers, ~2 KiB, for the connection's life. A refusal
+    replaces it with ``discard`` and never resumes it.
     """
 
     def parse(self) -> Generator[None]:
-        while self.state is CONNECTING:
+        while True:
             yield
-        yield from super().parse()
 
 
 def _first_offered(protocol: ServerProtocol, offered) -> str | None:
@@ -64,6 +66,11 @@ class BroadcastProtocol(ServerProtocol, _FramesAfterResponse):
     def __init__(self, **kwargs) -> None:
         super().__init__(select_subprotocol=_first_offered, **kwargs)
         self._decoder = None  # while a text message is in progress
+
+    def send_response(self, response) -> None:
+        super().send_response(response)
+        if self.state is OPEN:
+            self.parser = Protocol.parse(self)  # see _FramesAfterResponse
 
     def recv_frame(self, frame: Frame) -> None:
         if self.writes:

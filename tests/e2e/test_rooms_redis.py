@@ -3,7 +3,7 @@
 Each node is a ``scripts/server.py`` process with ``--redis-url``; the
 clients are websockets' sync client, structured (``broadcast.v1``) unless a
 test says plain. A node cut off from Redis alone reaches it through a
-``support.proxy.CutProxy`` that the test cuts and heals; stopping Redis would
+``support.proxy.Relay`` that the test cuts and heals; stopping Redis would
 cut every node at once. Every wait is bounded and ends on an event.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from support.process import wait_connections
-from support.proxy import CutProxy
+from support.proxy import Relay
 from support.redis import wait_health
 from support.wsclients import Closed, http_get, recv, send, url_for, ws_connect
 
@@ -203,9 +203,9 @@ def test_recovery_when_the_clients_node_is_restarted_while_another_keeps_publish
 
 
 def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, redis_server):
-    proxy = CutProxy((redis_server.host, redis_server.port))
+    proxy = Relay(redis_server.port)
     try:
-        cut_off = node(url=proxy.url())
+        cut_off = node(url=f"redis://127.0.0.1:{proxy.port}/0")
         other = node()
         with structured(cut_off, "Cat") as cat, ws_connect(url_for(cut_off, "Plain")) as plain, \
                 structured(other, "Oz") as oz:
@@ -213,7 +213,7 @@ def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, r
             send(oz, "before")
             assert objects(cat).next()["text"] == "before"
             assert said(plain) == "[Oz] before"
-            proxy.cut()
+            proxy.down()
             wait_health(cut_off, "reconnecting", WAIT)
             send(cat, "lost?")
             error = objects(cat, ("error",)).next()
@@ -228,7 +228,7 @@ def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, r
                 during.append(f"during{i}")
                 i += 1
                 time.sleep(CUT_S / 20)
-            proxy.heal()
+            proxy.up()
             wait_health(cut_off, "ok", WAIT)
             send(oz, "after")
             wanted = during + ["after"]

@@ -110,7 +110,7 @@ def test_listening_line_reports_the_real_port(server):
         assert ws.recv(timeout=WAIT) == "hello"
 
 
-OTHER_PATHS = ["/", "/WS", "/wss", "/chat?path=/ws", "/healthz/ws"]  # /ws/ROOM: test_rooms.py
+OTHER_PATHS = ["/WS", "/wss", "/chat?path=/ws", "/healthz/ws"]  # /ws/ROOM: test_rooms.py; /: the page
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -137,7 +137,8 @@ def test_plain_http_get_to_ws_gets_426_without_traceback(server):
         assert ws.recv(timeout=WAIT) == "still here"
 
 
-def test_plain_http_get_elsewhere_gets_404(server):
+def test_plain_http_get_elsewhere_gets_404(start_server):
+    server = start_server("--no-web")  # else / is the chat page (tests/e2e/test_page.py)
     status, body = http_get(server, "/")
     assert status == 404
     assert "/ws" in body  # the refusal says where to go

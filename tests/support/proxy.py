@@ -1,90 +1,102 @@
-"""A TCP proxy on 127.0.0.1 that a test can cut and heal: one node cut off from Redis, the others not.
+"""A TCP relay on 127.0.0.1 that a test can cut, like a network that drops and comes back.
 
-Stopping Redis (or SIGSTOP) takes every node away from it at once; a node
-cut off alone needs its own path to Redis, which this is. ``cut()`` drops
-every connection through it and refuses new ones (accepted, then closed at
-once, as a firewall that resets would); ``heal()`` lets them through again.
+A browser's WebSocket cannot be broken from outside the browser; putting
+this relay between the page and the server can. ``down()`` cuts every
+relayed connection (no close frame: a connection lost, 1006, to both ends)
+and turns new ones away until ``up()``; the server stays up the whole time,
+with its history. ``down(half_open=True)`` cuts the browser's side only,
+as a network that drops without a word to the server: the server finds out
+by its keepalive. ``requests`` are the request lines that came through,
+to see what the page asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 
-CHUNK_BYTES = 65536
-ACCEPT_POLL_S = 0.1  # how often the acceptor looks whether the proxy is closing
+CHUNK_BYTES = 64 * 1024  # one recv
+ACCEPT_BACKLOG = 16
 
 
-class CutProxy:
-    """Forwards 127.0.0.1:``port`` to ``target`` (host, port) until ``close()``."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(ACCEPT_POLL_S)
-        self.port = self._server.getsockname()[1]
-        self._lock = threading.Lock()  # guards _open and _cut
-        self._open: set[socket.socket] = set()
-        self._cut = False
-        self._closing = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept, name="cut-proxy", daemon=True)
-        self._acceptor.start()
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def cut(self) -> None:
-        with self._lock:
-            self._cut = True
-            dropped, self._open = self._open, set()
-        for sock in dropped:
-            _shut(sock)
-
-    def heal(self) -> None:
-        with self._lock:
-            self._cut = False
-
-    def close(self) -> None:
-        self._closing.set()
-        self.cut()
-        self._acceptor.join(5)
-        self._server.close()
+class Relay:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=ACCEPT_BACKLOG)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()  # guards _open, _held, _up and requests
+        self._open: set[tuple[socket.socket, socket.socket]] = set()  # (browser's side, server's side)
+        self._held: set[socket.socket] = set()  # servers' sides left open by down(half_open=True)
+        self.requests: list[str] = []
+        self._up = True
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        while not self._closing.is_set():
+        while True:
             try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                cut = self._cut
-            if cut:
-                _shut(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                client, _ = self._listener.accept()
             except OSError:
-                _shut(client)
-                continue
+                return  # closed
             with self._lock:
-                if self._cut:  # cut while connecting
-                    _shut(client)
-                    _shut(upstream)
-                    continue
-                self._open.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+                up = self._up
+            if not up:
+                _cut(client)
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            except OSError:
+                _cut(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._open.add((client, server))
+            for a, b, first in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, first), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(CHUNK_BYTES):
-                dst.sendall(data)
-        _shut(src)
-        _shut(dst)
+    def _pump(self, source: socket.socket, sink: socket.socket, request: bool) -> None:
+        try:
+            while data := source.recv(CHUNK_BYTES):
+                if request:  # the request line: a browser sends its whole request at once
+                    with self._lock:
+                        self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                    request = False
+                sink.sendall(data)
+            with self._lock:
+                held = sink in self._held
+            if not held:  # pass the end on, unless the server is not to hear of it
+                sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # cut, or the other side went away
+
+    def down(self, half_open: bool = False) -> None:
+        """Cut every relayed connection (only the browser's side if ``half_open``), and refuse new ones."""
+        with self._lock:
+            self._up = False
+            cut, self._open = self._open, set()
+            if half_open:
+                self._held.update(server for _, server in cut)
+        for client, server in cut:
+            _cut(client)
+            if not half_open:
+                _cut(server)
+
+    def up(self) -> None:
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        self.down()
+        with self._lock:
+            held, self._held = self._held, set()
+        for server in held:
+            _cut(server)
+        self._listener.close()
 
 
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
+def _cut(sock: socket.socket) -> None:
+    """Shut down (which wakes a pump blocked in recv, as close would not) and close."""
+    try:
         sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
     sock.close()
