@@ -80,6 +80,7 @@ class ServerConfig:
     redis_url: str | None
     redis_channel: str
     redis_optional: bool
+    presence_ttl: float  # seconds a dead node's members and names outlive it
     config_file: str | None
     config_warnings: list[str]  # from the file, for the server to log
 
@@ -376,10 +377,13 @@ def server_parser() -> OneLineParser:
                        help="let two clients in one room use the same name (by default the second gets 409)")
     nodes = p.add_argument_group("several servers")
     nodes.add_argument("--redis-url", type=_redis_url, default=None, metavar="redis://HOST:PORT/DB",
-                       help="share one room with every server on this Redis (default: this server alone)")
-    nodes.add_argument("--redis-channel", default="broadcast", help="pub/sub channel (default %(default)s)")
+                       help="share the rooms with every server on this Redis (default: this server alone)")
+    nodes.add_argument("--redis-channel", default="broadcast",
+                       help="prefix of the rooms' Redis keys: one per deployment (default %(default)s)")
     nodes.add_argument("--redis-optional", action="store_true",
-                       help="start alone, with a warning, if Redis is unreachable at start")
+                       help="start with a warning if Redis is unreachable at start; rooms open once it is back")
+    nodes.add_argument("--presence-ttl", type=seconds, default=10.0, metavar="SECONDS",
+                       help="a node that dies leaves presence and frees its names within this (default 10)")
     return p
 
 
@@ -434,6 +438,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
     config = _parse(parser, argv)
     if config.keyfile and not config.certfile:
         parser.error("--keyfile needs --certfile")
+    if not config.presence_ttl > 0:
+        parser.error("--presence-ttl must be > 0")
     if config.metrics_host and config.metrics_port is None:
         parser.error("--metrics-host needs --metrics-port")
     if config.no_metrics and config.metrics_port is not None:

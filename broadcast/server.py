@@ -59,11 +59,15 @@ class Server:
         self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
-                                self.metrics.redis_publish_seconds)
+                                self.metrics.redis_publish_seconds, history=config.history_size,
+                                presence_ttl_s=config.presence_ttl)
+            self.rooms.feed = self.bus
         else:
             self.bus = LocalBus(self.rooms)
         self.policy = admission.Policy(config.token, config.require_username)
         app = ChatApp(self.policy, self.rooms, self.bus)
+        if config.redis_url:
+            self.bus.on_name_lost = app.name_lost
         routes = {HEALTH_PATH: self._health, ROOMS_PATH: _json(app.room_list), ROOMS_PATH + "/": _json(app.room_info)}
         if not config.no_metrics and config.metrics_port is None:
             routes[METRICS_PATH] = self._metrics
@@ -188,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         server.bus.check()
     except RedisUnavailable as exc:
         if not config.redis_optional:
-            log.error("cannot reach redis %s", exc)
+            log.error("cannot reach %s", exc)
             return 1
-        log.warning("cannot reach redis %s; serving this node alone until it is back", exc)
+        log.warning("cannot reach %s; rooms open once it is back", exc)
     server.bus.start()
     try:
         server.listen()

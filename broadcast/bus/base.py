@@ -1,11 +1,13 @@
 """What every bus offers.
 
 ``local.LocalBus`` hands a message straight to this node's room.
-``redis.RedisBus`` sends it round through Redis first, so that every node,
-this one included, delivers the same messages in the one order Redis gives
-them. A bus delivers into rooms (``rooms[name].deliver(opcode, payload,
-skip, sender, kind)``, where the room numbers, encodes and keeps it),
-given to it as an object; it imports neither the engine nor the chat.
+``redis.RedisBus`` sends it round its room's Redis stream first, so that
+every node, this one included, delivers the same messages in the one order
+and under the ids Redis gives them. A bus delivers into rooms
+(``rooms[name].deliver(opcode, payload, skip, sender, kind)``, where the
+room numbers, encodes and keeps it; round Redis with ``id`` and ``ts`` too),
+given to it as an object; it imports neither the engine nor the chat beyond
+the ids (broadcast.ids).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from websockets.frames import Opcode
 
 
 class Bus(Protocol):
-    state: str  # for /healthz: "off" (no Redis), "ok", "stalled" or "reconnecting"
+    state: str  # for /healthz: "off" (no Redis), "ok" or "reconnecting"
 
     def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
                 sender: str | None = None, kind: str = "message") -> object | None:
@@ -27,7 +29,9 @@ class Bus(Protocol):
         room build the structured object from it.
 
         Returns what ``settle`` takes to wait for the sender's own copy, or
-        None when it is already in the sender's outbox.
+        None when it is already in the sender's outbox. Raises a
+        ConnectionError when it cannot deliver in the one order now (Redis
+        unreachable): the caller refuses the message with a notice.
         """
 
     def settle(self, pending: object) -> None:

@@ -1,360 +1,209 @@
-"""Several servers, the same rooms: every message goes round through one Redis pub/sub channel.
+"""Several servers, the same rooms: every frame goes round its room's Redis stream (bus/streams.py).
 
-A node publishes what its clients send and delivers only what comes back
-from the channel, its own messages included. Redis gives one order to all
-subscribers, so every client of every node sees the same order, and since
-nothing received is ever published again, no message can loop.
+A node appends what its clients send to the room's stream and delivers
+only what its stream reader brings back, its own messages included, so
+every client of every node gets one order, Redis's, under the same
+``EPOCH:SEQ`` ids. Nothing received is appended again, so nothing loops.
 
-The envelope on the channel is bus/envelope.py's. ``node`` and ``seq`` name
-a message once and for all: a publish that timed out may still have reached
-Redis, so it is retried under the same id, and every node delivers an id once.
+A text message takes the room's next SEQ in Redis and is kept in history;
+a notice (join, leave) and a binary frame are notes: no SEQ, in no history,
+in the same order all the same.
 
-Exactly once for the sender: each node keeps its own messages that have
-not come back yet (``_pending``). One that comes back is delivered from the
-channel, in Redis's order. One the channel lost (the subscription broke
-while it was published) is found by a sync: a node's watchdog publishes
-``op: sync`` every WATCHDOG_INTERVAL_S, and Redis relays in order, so an
-own message published before the sync and still pending when the sync
-returns never will; it is then delivered locally. The same round trip
-tells /healthz whether Redis answers at all.
+While Redis does not answer, ``publish`` raises Unavailable and the caller
+refuses the client's message with a notice: a message is never delivered
+locally first and in Redis's order later, so no two clients ever see two
+orders. A publish that timed out may still have reached Redis; then every
+node delivers it, in the stream's order, once.
 
-While Redis is unreachable or stalled the node delivers its own clients'
-messages locally, so they keep chatting among themselves, and retries with
-capped exponential backoff; ``state`` says which it is doing, for /healthz.
+The sender's own echo comes back on the reader thread; ``settle`` waits
+for it (bounded by ECHO_WAIT_S), so the close reply that follows a
+client's last message never passes it.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
 import time
 
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-
 from websockets.frames import Opcode
 
-from ..redact import redact_url
-from . import envelope
+from .streams import PRESENCE_TTL_S, Entry, StreamsBus, Unavailable
 
 log = logging.getLogger(__name__)
 
-# One attempt to publish waits at most this long for Redis.
-PUBLISH_TIMEOUT_S = 1.0
-# A reader thread retries its client's message (same id, so never twice)
-# for this long before delivering it locally instead: a Redis stall shorter
-# than this costs a delay, not the room's order.
-PUBLISH_DEADLINE_S = 2.5
-# Between two attempts, so a refused connection does not spin.
-PUBLISH_RETRY_PAUSE_S = 0.05
-# Connections shared by all reader threads for publishing; a burst beyond
-# this waits (up to PUBLISH_TIMEOUT_S) rather than opening more.
-PUBLISH_CONNECTIONS = 8
-# How often the listener wakes to notice shutdown.
-LISTEN_POLL_S = 0.25
-# At start, how long the server waits for its subscription before taking
-# clients anyway (Redis is slow, or --redis-optional and unreachable).
-SUBSCRIBE_WAIT_S = 2.0
-# Reconnect delays double from the first to the cap, so delivery resumes
-# within about a second of Redis coming back, and a long outage costs
-# one attempt a second.
-RECONNECT_FIRST_S = 0.05
-RECONNECT_CAP_S = 1.0
-# The watchdog's sync goes round Redis this often; when none has come back
-# for WATCHDOG_TIMEOUT_S, Redis is "stalled" (/healthz 503, delivery local).
-WATCHDOG_INTERVAL_S = 0.5
-WATCHDOG_TIMEOUT_S = 2.0
 # A closing client's close reply waits at most this long for the echo of its
-# last message; then the echo is delivered locally, still before the close.
+# last message round Redis; past it the close goes first (the echo, already
+# in the stream, still reaches every other client in order).
 ECHO_WAIT_S = 2.0
-# Per origin node, how far back an id may arrive late (reordered by
-# concurrent publishers, or retried) and still be told apart from a repeat.
-DEDUP_WINDOW = 4096
-# Origin nodes remembered for deduplication; a restarted node has a new id.
-MAX_ORIGINS = 256
+# The stream keeps at least this many entries per room (or --history-size,
+# if larger): how far back a node cut off from Redis catches up.
+STREAM_ENTRIES = 1000
+_OPS = {Opcode.TEXT: b"text", Opcode.BINARY: b"binary"}
+_OPCODES = {name: op for op, name in _OPS.items()}
+MESSAGE = "message"  # the kind of a text message (chat.rooms' name for it); any other kind is a notice
 
-
-class RedisUnavailable(Exception):
-    pass
-
-
-class _Pending:
-    """An own message on its way round Redis."""
-
-    __slots__ = ("room", "delivery", "published")
-
-    def __init__(self, room: str, delivery: tuple) -> None:
-        self.room = room
-        # Room.deliver's arguments: opcode, payload, skip (the member id of a
-        # joiner that must not get its own notice), sender, kind.
-        self.delivery = delivery
-        self.published = False  # Redis has acknowledged it
-
-
-class _Origin:
-    """Which ids of one other node this node has delivered: all up to ``top`` but ``gaps``."""
-
-    __slots__ = ("top", "gaps")
-
-    def __init__(self, seq: int) -> None:
-        self.top = seq - 1  # a node joining late never gets what came before
-        self.gaps: set[int] = set()
-
-    def first_time(self, seq: int) -> bool:
-        if seq > self.top:
-            if seq - self.top <= DEDUP_WINDOW:
-                self.gaps.update(range(self.top + 1, seq))
-            self.top = seq
-            if len(self.gaps) > DEDUP_WINDOW:
-                self.gaps = {g for g in self.gaps if g > seq - DEDUP_WINDOW}
-            return True
-        if seq in self.gaps:
-            self.gaps.remove(seq)
-            return True
-        return False
+RedisUnavailable = Unavailable  # what check() and publish() raise
 
 
 class RedisBus:
-    def __init__(self, rooms, url: str, channel: str, node_id: str, publish_seconds=None) -> None:
-        self._rooms = rooms  # name -> room, and .default for envelopes that name none
-        self.url = redact_url(url)  # for log lines and errors: the password never reaches them
-        self.channel = channel
+    """Rooms delivered from their Redis streams, with history, presence and names shared by every node."""
+
+    def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, *,
+                 history: int = 0, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
+        self._rooms = rooms  # name -> room, with .deliver(...)
         self.node_id = node_id
-        # The metrics' histogram of each publish Redis took; None for a bus run alone (unit tests).
-        self._publish_seconds = publish_seconds
-        self._seqs = itertools.count(1)  # next() is atomic: ids never repeat
-        self._syncs = itertools.count(1)
-        # _lock guards _pending, _resolve and _origins; its condition tells
-        # settle() that an own message has been delivered.
+        self._node = node_id.encode()
+        self.history = history  # messages a room's history holds here, fetched when a room opens
+        self.streams = StreamsBus(url, node_id, self._on_entry, self._on_gap, on_name_lost=self._on_name_lost,
+                                  prefix=prefix, max_entries=max(STREAM_ENTRIES, history),
+                                  presence_ttl_s=presence_ttl_s)
+        self.url = self.streams.url
+        self._publish_seconds = publish_seconds  # a histogram (metrics), or None
+        self._mids = itertools.count(1)  # next() is atomic: a node's own publishes, told apart
+        # _lock guards _unechoed; its condition tells settle() an own message came back.
         self._lock = threading.Condition()
-        self._pending: dict[int, _Pending] = {}
-        self._resolve: dict[int, list[int]] = {}  # sync number -> ids published before it
-        self._origins: collections.OrderedDict[str, _Origin] = collections.OrderedDict()
-        self._listening = False  # subscribed now (listener only writes it)
-        self._heard_at = 0.0  # monotonic time our last sync came back
-        no_retry = Retry(ExponentialBackoff(), 0)  # we own retrying
-        self._client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            url, max_connections=PUBLISH_CONNECTIONS, timeout=PUBLISH_TIMEOUT_S,
-            socket_timeout=PUBLISH_TIMEOUT_S, socket_connect_timeout=PUBLISH_TIMEOUT_S,
-            retry=no_retry,
-        ))
-        self._listen_client = redis.Redis.from_url(
-            url, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S,
-            retry=no_retry,
-        )
-        self._backoff = ExponentialBackoff(cap=RECONNECT_CAP_S, base=RECONNECT_FIRST_S)
-        self._failures = 0  # reconnect attempts in the current outage (listener only)
-        self._subscribed = threading.Event()
+        self._unechoed: set[int] = set()
+        self.on_name_lost = lambda room, name: None  # the chat closes the former connection
+        # Presence and freed names are written by one thread of their own, so
+        # that a join or a leave never waits on Redis (a stalled one would hold
+        # a reader, or the shutdown, for COMMAND_TIMEOUT_S per write).
+        # _writes guards _members and _freed, and wakes the writer.
+        self._writes = threading.Condition()
+        self._members: dict[str, tuple[list[str], int]] = {}  # room -> this node's latest, not yet written
+        self._freed: list[tuple[str, str, str]] = []  # (room, name, token) to release
         self._stop = threading.Event()
-        self._listener = threading.Thread(target=self._listen, name="redis-listener", daemon=True)
-        self._watchdog = threading.Thread(target=self._watch, name="redis-watchdog", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="redis-presence", daemon=True)
 
     @property
     def state(self) -> str:
-        """For /healthz and publish: "ok", "stalled" (no answer lately) or "reconnecting"."""
-        if not self._listening:
-            return "reconnecting"
-        if time.monotonic() - self._heard_at > WATCHDOG_TIMEOUT_S:
-            return "stalled"
-        return "ok"
+        """For /healthz: "ok" while the stream reader's reads are answered, else "reconnecting"."""
+        return self.streams.state
 
     def check(self) -> None:
-        """Raise RedisUnavailable unless Redis answers now.
-
-        The caller reports the failure, so the listener counts this outage
-        as already told and does not log it again.
-        """
-        try:
-            self._client.ping()
-        except redis.RedisError as exc:
-            self._failures = 1
-            raise RedisUnavailable(f"{self.url}: {exc}") from None
+        self.streams.check()
 
     def start(self) -> None:
-        """Subscribe before the server takes clients, so none misses the room."""
-        self._listener.start()
-        self._watchdog.start()
-        self._subscribed.wait(SUBSCRIBE_WAIT_S)
+        self.streams.start()
+        self._writer.start()
 
     def close(self, deadline: float) -> None:
-        """Unsubscribe and close every Redis connection, by ``deadline`` (monotonic) at the latest.
-
-        A frozen Redis must not hold the shutdown past --shutdown-timeout:
-        the threads are daemons, and every socket has a timeout.
-        """
+        """Stop writing, then leave presence and free the names still held (streams.close), by ``deadline``."""
         self._stop.set()
-        for thread in (self._listener, self._watchdog):
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self._client.connection_pool.disconnect()  # a pool passed in is not closed for us
-        self._listen_client.close()
+        with self._writes:
+            self._writes.notify()
+        if self._writer.is_alive():
+            self._writer.join(max(0.0, deadline - time.monotonic()))
+        self.streams.close(deadline)
 
     # Reader threads.
 
     def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
-                sender: str | None = None, kind: str = "message") -> int | None:
-        """Send round Redis; the id to settle() on, or None if delivered here already."""
-        if self.state == "ok":
-            seq = next(self._seqs)
-            data = envelope.encode(self.node_id, seq, room, opcode, payload, sender, kind)
-            pending = _Pending(room, (opcode, payload, skip, sender, kind))
-            with self._lock:
-                self._pending[seq] = pending
-            deadline = time.monotonic() + PUBLISH_DEADLINE_S
-            while True:
-                started = time.monotonic()
-                try:
-                    self._client.publish(self.channel, data)
-                except redis.RedisError as exc:
-                    if time.monotonic() + PUBLISH_RETRY_PAUSE_S >= deadline or self._stop.is_set():
-                        log.debug("publish %d failed: %s; delivering it locally", seq, exc)
-                        self._deliver_own(seq)
-                        return None
-                    self._stop.wait(PUBLISH_RETRY_PAUSE_S)
-                    continue
-                if self._publish_seconds is not None:
-                    self._publish_seconds.observe(time.monotonic() - started)
-                with self._lock:
-                    pending.published = True  # the watchdog's next sync can now account for it
-                return seq
-        self._deliver_to(room, (opcode, payload, skip, sender, kind))
-        return None
-
-    def settle(self, seq: int) -> None:
-        """Return once own message ``seq`` has been delivered here, waiting at most ECHO_WAIT_S.
-
-        A sender's close reply must follow its own last message: when Redis
-        does not bring it back in time, it is delivered locally, once.
-        """
+                sender: str | None = None, kind: str = MESSAGE) -> int:
+        """Append to ``room``'s stream; what ``settle`` takes. Unavailable if Redis does not answer."""
+        mid = next(self._mids)
+        fields = {"op": _OPS[opcode], "data": payload, "kind": kind, "ts": repr(time.time()),
+                  "node": self._node, "mid": str(mid)}
+        if sender is not None:
+            fields["from"] = sender
+        if skip is not None:
+            fields["skip"] = str(skip)
         with self._lock:
-            self._lock.wait_for(lambda: seq not in self._pending, ECHO_WAIT_S)
-        self._deliver_own(seq)
-
-    def _deliver_own(self, seq: int) -> None:
-        """Deliver own message ``seq`` unless someone already has: the pop decides, under the lock."""
-        with self._lock:
-            pending = self._pending.pop(seq, None)
-            self._lock.notify_all()
-        if pending is not None:
-            self._deliver_to(pending.room, pending.delivery)
-
-    def _deliver_to(self, name: str, delivery: tuple) -> None:
-        room = self._rooms.get(name)
-        if room is not None:  # its last member may have left meanwhile
-            room.deliver(*delivery)
-
-    # Watchdog thread.
-
-    def _watch(self) -> None:
-        stalled = False  # as last logged
-        while not self._stop.wait(WATCHDOG_INTERVAL_S):
-            if stalled != (self.state == "stalled"):
-                stalled = not stalled
-                if stalled:
-                    log.error("redis %s answers nothing for %.0f s; delivering locally until it does",
-                              self.url, WATCHDOG_TIMEOUT_S)
-                else:
-                    log.info("redis %s answers again", self.url)
-            sync = next(self._syncs)
-            with self._lock:
-                published = [seq for seq, p in self._pending.items() if p.published]
-                if published:
-                    self._resolve[sync] = published
-            try:
-                self._client.publish(self.channel, envelope.encode_sync(self.node_id, sync))
-            except redis.RedisError as exc:
-                log.debug("watchdog sync failed: %s", exc)
-                with self._lock:
-                    self._resolve.pop(sync, None)
-
-    # Listener thread.
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            pubsub = self._listen_client.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                self._pump(pubsub)
-            except Exception as exc:  # RedisError, or a bug: either way, reconnect
-                if not isinstance(exc, redis.RedisError):
-                    log.exception("redis listener failed")
-                elif self._failures == 0:  # one error line per outage
-                    log.error("redis %s unreachable: %s; delivering locally until it is back",
-                              self.url, exc)
-                self._listening = False
-                self._failures += 1
-                self._deliver_published()
-                self._stop.wait(self._backoff.compute(self._failures))
-            finally:
-                self._close_pubsub(pubsub)
-
-    def _pump(self, pubsub) -> None:
-        """Deliver from the channel until shutdown, or until Redis fails."""
-        while not self._stop.is_set():
-            message = pubsub.get_message(timeout=LISTEN_POLL_S)
-            if message is None:
-                continue
-            if message["type"] == "subscribe":
-                if self._failures:
-                    log.info("redis %s is back; cross-node delivery resumed", self.url)
-                    self._failures = 0
-                self._heard_at = time.monotonic()
-                self._listening = True
-                self._subscribed.set()
-            elif message["type"] == "message":
-                self._deliver(message["data"])
-
-    def _deliver_published(self) -> None:
-        """The subscription broke: own messages Redis took may never come back; deliver them now."""
-        with self._lock:
-            published = [seq for seq, p in self._pending.items() if p.published]
-        for seq in published:
-            self._deliver_own(seq)
-
-    def _deliver(self, data: bytes) -> None:
-        message = envelope.decode(data)
-        if message is None:
-            log.warning("ignoring a malformed message on channel %s", self.channel)
-            return
-        node, seq, opcode = message.node, message.seq, message.opcode
-        if node == self.node_id and seq is not None:
-            if opcode is None:
-                self._synced(seq)
-            else:
-                self._deliver_own(seq)  # dropped if already delivered (a retry, or a fallback)
-        elif opcode is not None and (seq is None or self._first_time(node, seq)):
-            room = self._rooms.default if message.room is None else self._rooms.get(message.room)
-            if room is not None:  # a room no client of this node is in
-                room.deliver(opcode, message.payload, None, message.sender, message.kind)
-
-    def _synced(self, sync: int) -> None:
-        """Our sync came back: Redis answers, and what it took before the sync is in."""
-        self._heard_at = time.monotonic()
-        with self._lock:
-            lost = []
-            for done in [s for s in self._resolve if s <= sync]:
-                lost += self._resolve.pop(done)
-        for seq in lost:
-            self._deliver_own(seq)
-
-    def _first_time(self, node: str, seq: int) -> bool:
-        with self._lock:
-            origin = self._origins.get(node)
-            if origin is None:
-                origin = self._origins[node] = _Origin(seq)
-                if len(self._origins) > MAX_ORIGINS:
-                    self._origins.popitem(last=False)
-            else:
-                self._origins.move_to_end(node)
-            return origin.first_time(seq)
-
-    def _close_pubsub(self, pubsub) -> None:
+            self._unechoed.add(mid)
+        started = time.monotonic()
         try:
-            if self._stop.is_set() and pubsub.subscribed:
-                pubsub.unsubscribe(self.channel)
-                log.info("unsubscribed from redis channel %s", self.channel)
-        except redis.RedisError:
-            pass
-        pubsub.close()
+            self.streams.publish(room, fields, message=opcode is Opcode.TEXT and kind == MESSAGE)
+        except Unavailable:
+            with self._lock:
+                self._unechoed.discard(mid)
+            raise
+        if self._publish_seconds is not None:
+            self._publish_seconds.observe(time.monotonic() - started)
+        return mid
+
+    def settle(self, mid: int) -> None:
+        """Return once own message ``mid`` is delivered here, or after ECHO_WAIT_S."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: mid not in self._unechoed, ECHO_WAIT_S):
+                log.info("own message %d not back from redis %s within %.0f s", mid, self.url, ECHO_WAIT_S)
+            self._unechoed.discard(mid)
+
+    # Rooms (chat.rooms.Rooms calls these as a room opens and closes, and as names come and go).
+
+    def open_locked(self, room) -> None:
+        """Follow ``room``'s stream; its last messages become the room's history here.
+
+        Under the room's lock: the reader's first live entry for it waits for
+        that history, so nothing between the two is missing or doubled.
+        Unavailable if Redis does not answer (the joiner is refused).
+        """
+        replay = self.streams.follow(room.name, self.history)
+        room.restore_locked(replay.epoch, replay.last_seq, [
+            (e.id.seq, float(e.fields["ts"]), _sender(e), e.fields["data"]) for e in replay.entries])
+
+    def closed(self, name: str) -> None:
+        """The room is gone here; its stream stays in Redis for the other nodes."""
+        self.streams.unfollow(name)
+
+    def claim(self, room: str, name: str, token: str) -> bool:
+        """Hold ``name`` in ``room`` on every node under ``token``; Unavailable if Redis does not answer."""
+        return self.streams.claim(room, name, token)
+
+    def release(self, room: str, name: str, token: str) -> None:
+        """Free ``name`` for every node, soon (the presence writer does it)."""
+        with self._writes:
+            self._freed.append((room, name, token))
+            self._writes.notify()
+
+    def seated(self, room: str, users: list[str], anonymous: int) -> None:
+        """This node's members of ``room`` now, for every node's presence, soon (the presence writer)."""
+        with self._writes:
+            self._members[room] = (users, anonymous)
+            self._writes.notify()
+
+    def _write_loop(self) -> None:
+        """Write what ``seated`` and ``release`` left, the latest members of each room once."""
+        while not self._stop.is_set():
+            with self._writes:
+                self._writes.wait_for(lambda: self._members or self._freed or self._stop.is_set())
+                members, self._members = self._members, {}
+                freed, self._freed = self._freed, []
+            for room, name, token in freed:
+                self.streams.release(room, name, token)
+            for room, (users, anonymous) in members.items():
+                self.streams.set_presence(room, users, anonymous)
+
+    def elsewhere(self, room: str) -> tuple[list[str], int]:
+        """The other nodes' members of ``room``: (names, anonymous); Unavailable if Redis does not answer."""
+        return self.streams.presence(room, others=True)
+
+    # Stream reader thread.
+
+    def _on_entry(self, entry: Entry) -> None:
+        fields = entry.fields
+        own = fields.get("node") == self._node
+        room = self._rooms.get(entry.room)
+        if room is not None:
+            skip = int(fields["skip"]) if own and "skip" in fields else None
+            room.deliver(_OPCODES[fields["op"]], fields["data"], skip, _sender(entry), fields["kind"].decode(),
+                         id=entry.id if entry.message else None, ts=float(fields["ts"]))
+        if own:
+            with self._lock:
+                self._unechoed.discard(int(fields["mid"]))
+                self._lock.notify_all()
+
+    def _on_gap(self, room: str, epoch: str, missed: int | None) -> None:
+        if missed is None:
+            log.warning("redis %s lost room %s: its history restarts under a new epoch", self.url, room)
+        else:
+            log.warning("room %s: %d messages went past this node while it was cut off longer than the "
+                        "stream's reach", room, missed)
+
+    def _on_name_lost(self, room: str, name: str) -> None:
+        self.on_name_lost(room, name)
+
+
+def _sender(entry: Entry) -> str | None:
+    sender = entry.fields.get("from")
+    return None if sender is None else sender.decode()

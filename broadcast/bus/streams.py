@@ -1,7 +1,7 @@
 """Rooms across nodes on Redis Streams: one order per room, ids every node agrees on, and catch-up.
 
-Plain pub/sub (redis_bus.py) forgets what it relayed: a node cut off from
-Redis loses every other node's messages of that time. A stream keeps them,
+Plain pub/sub (the bus before this one) forgets what it relayed: a node cut
+off from Redis loses every other node's messages of that time. A stream keeps them,
 so a node that comes back reads on from the last entry it delivered and its
 clients miss nothing, within the stream's MAXLEN.
 
@@ -21,7 +21,9 @@ spread over 1, 10 and 100 rooms (redis-server 7.0 on 127.0.0.1, redis-py
   against 0.05-0.1 ms for one, paid once per READ_BLOCK_MS while idle.
 
 MAXLEN is per room as well, so a busy room cannot push a quiet room's
-history out, the rule the node's own history keeps (chat/history.py).
+history out, the rule the node's own history keeps (chat/history.py). Notes
+(notices and binary frames: in order, but no SEQ and in no history) count in
+it too.
 
 Keys (``P`` is the prefix, one per deployment)::
 
@@ -34,7 +36,8 @@ Keys (``P`` is the prefix, one per deployment)::
     P:node:NODE                 NODE's heartbeat, with PRESENCE_TTL_S
 
 The envelope is the entry's fields: ``v`` (ENVELOPE_VERSION), ``epoch``,
-``seq``, then the caller's own fields. A reader meets a version it does not
+``seq`` (a message) or ``after`` (a note: the SEQ of the last message before
+it), then the caller's own fields. A reader meets a version it does not
 speak (a newer node in a rolling upgrade) by skipping the entry and logging
 that once per version; it still advances past it and counts its SEQ, so
 the rest of the room keeps flowing. Upgrade path: deploy nodes that read the
@@ -68,7 +71,7 @@ from broadcast.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-ENVELOPE_VERSION = 1  # of the stream entry's fields; redis_bus.py's pub/sub envelope counts apart
+ENVELOPE_VERSION = 1  # of the stream entry's fields (the pub/sub bus's envelope, gone, counted apart)
 # Entries each room's stream keeps at least (MAXLEN ~ trims in whole
 # macro-nodes, so a few more): how far back catch-up and recovery reach.
 MAX_ENTRIES = 1000
@@ -107,24 +110,37 @@ if not epoch then
   redis.call('DEL', KEYS[2])
 end
 """
-# ARGV: a fresh epoch, max entries, version, then field, value pairs.
+# ARGV: a fresh epoch, max entries, version, 'seq' (a message: the next SEQ)
+# or 'after' (a note: the SEQ of the last message before it), then field, value pairs.
 _PUBLISH = _EPOCH + """
-local seq = redis.call('INCR', KEYS[2])
+local seq
+if ARGV[4] == 'seq' then seq = redis.call('INCR', KEYS[2]) else seq = tonumber(redis.call('GET', KEYS[2]) or '0') end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
-                      'v', ARGV[3], 'epoch', epoch, 'seq', seq, unpack(ARGV, 4))
+                      'v', ARGV[3], 'epoch', epoch, ARGV[4], seq, unpack(ARGV, 5))
 return {epoch, seq, id}
 """
-# ARGV: a fresh epoch, how many entries at most, and '' (the last ones) or a
-# SEQ (only those after it). Newest first; the newest stream id comes back
-# even when no entry is asked for, as the reader's cursor.
+# ARGV: a fresh epoch, how many messages at most, and '' (the last ones) or a
+# SEQ (only those after it). Newest first, notes left out; the newest stream
+# id comes back even when no entry is asked for, as the reader's cursor.
 _READ = _EPOCH + """
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local n = tonumber(ARGV[2])
 if ARGV[3] ~= '' then n = math.max(0, math.min(n, last - tonumber(ARGV[3]))) end
-local entries = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', math.max(n, 1))
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local top = '0-0'
-if entries[1] then top = entries[1][1] end
-if n == 0 then entries = {} end
+if newest[1] then top = newest[1][1] end
+local entries, from = {}, '+'
+while #entries < n do
+  local batch = redis.call('XREVRANGE', KEYS[3], from, '-', 'COUNT', n - #entries)
+  if not batch[1] then break end
+  for _, entry in ipairs(batch) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'seq' then entries[#entries + 1] = entry break end
+    end
+  end
+  from = '(' .. batch[#batch][1]
+end
 return {epoch, last, top, entries}
 """
 # A name's claim holds "TOKEN NODE": the token lets a resume take the name
@@ -150,19 +166,25 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_OWN = frozenset({b"v", b"epoch", b"seq"})
+_OWN = frozenset({b"v", b"epoch", b"seq", b"after"})
 
 
-class Unavailable(Exception):
+class Unavailable(ConnectionError):
     """Redis did not answer (down, cut off, stalled); the message names the URL without its secrets."""
 
 
 class Entry(NamedTuple):
-    """One message of ``room``: its id, and the caller's fields as it published them (values bytes)."""
+    """One entry of ``room``: its id, and the caller's fields as it published them (values bytes).
+
+    A message (``message`` true) has the next SEQ of its room; a note
+    (a notice or a binary frame, which take no SEQ and are kept in no
+    history) carries the id of the last message before it.
+    """
 
     room: str
     id: MessageId
     fields: dict[str, bytes]
+    message: bool = True
 
 
 class Replay(NamedTuple):
@@ -313,9 +335,12 @@ class StreamsBus:
 
     # Messages.
 
-    def publish(self, room: str, fields: Mapping[str, bytes | str]) -> MessageId:
-        """Append a message to ``room``; its id, the same on every node. Unavailable if Redis does not answer."""
-        args = [new_epoch(), self.max_entries, ENVELOPE_VERSION]
+    def publish(self, room: str, fields: Mapping[str, bytes | str], message: bool = True) -> MessageId:
+        """Append a message (or a note, see Entry) to ``room``; its id, the same on every node.
+
+        Unavailable if Redis does not answer.
+        """
+        args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, "seq" if message else "after"]
         for name, value in fields.items():
             args += (name, value)
         epoch, seq, _ = self._call(self._publish, keys=self._room_keys(room), args=args)
@@ -364,7 +389,9 @@ class StreamsBus:
         if version == str(ENVELOPE_VERSION).encode():
             try:
                 own = {k.decode(): v for k, v in fields.items() if k not in _OWN}
-                return Entry(room, MessageId(fields[b"epoch"].decode(), int(fields[b"seq"])), own)
+                message = b"seq" in fields
+                seq = int(fields[b"seq" if message else b"after"])
+                return Entry(room, MessageId(fields[b"epoch"].decode(), seq), own, message)
             except (KeyError, ValueError):  # UnicodeDecodeError is one
                 problem = "malformed entries"
         else:
@@ -423,10 +450,11 @@ class StreamsBus:
                 cursor.seq = int(seq)  # a message all the same: not a gap later
             return
         epoch, seq = entry.id
+        before = seq - 1 if entry.message else seq  # the SEQ the last message before it had
         if epoch != cursor.epoch:
             self._on_gap(room, epoch, None)
-        elif seq != cursor.seq + 1:
-            self._on_gap(room, epoch, seq - cursor.seq - 1)
+        elif before > cursor.seq:
+            self._on_gap(room, epoch, before - cursor.seq)
         cursor.epoch, cursor.seq = epoch, seq
         self._on_entry(entry)
 
@@ -457,10 +485,14 @@ class StreamsBus:
         except redis.RedisError as exc:
             log.debug("presence of %s not written now (%s); the heartbeat will", room, exc)
 
-    def presence(self, room: str) -> tuple[list[str], int]:
-        """Every live node's members of ``room``: (sorted names, anonymous count). Unavailable if Redis does not answer."""
+    def presence(self, room: str, others: bool = False) -> tuple[list[str], int]:
+        """Every live node's members of ``room`` (``others``: but this node's): (sorted names, anonymous count).
+
+        Unavailable if Redis does not answer.
+        """
         nodes_key = self._room_key(room, "nodes")
-        nodes = sorted(n.decode() for n in self._call(self._client.smembers, nodes_key))
+        nodes = sorted(n.decode() for n in self._call(self._client.smembers, nodes_key)
+                       if not (others and n.decode() == self.node_id))
         if not nodes:
             return [], 0
         alive = self._call(self._client.mget, [f"{self.prefix}:node:{n}" for n in nodes])

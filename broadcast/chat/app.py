@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 ONLINE_HEADER = "Broadcast-Online"
 # Handshake response header: the token that lets a reconnecting client keep its name (?session=).
 SESSION_HEADER = "Broadcast-Session"
-ROOMS_PATH = "/rooms"  # GET: every room and its counts; GET /rooms/ROOM: who is in it
+ROOMS_PATH = "/rooms"
+# What a client is told when its message cannot go round Redis (no secret in it: no URL).
+NOT_SENT = "not sent: the server is cut off from its other nodes; try again"  # GET: every room and its counts; GET /rooms/ROOM: who is in it
 
 
 class Session:
@@ -99,8 +101,15 @@ class ChatApp:
             if former.member is not None:
                 former.member.close(REPLACED_CODE, REPLACED_REASON)
         elif session.username:
-            self.bus.publish(session.room.name, Opcode.TEXT, f"* {session.username} joined".encode(),
-                             skip=member.id, sender=session.username, kind=JOIN)
+            self._announce(session.room.name, f"* {session.username} joined", skip=member.id,
+                           sender=session.username, kind=JOIN)
+
+    def _announce(self, room: str, notice: str, **how) -> None:
+        """Publish a notice; across nodes, while Redis does not answer, it is lost (logged), not queued."""
+        try:
+            self.bus.publish(room, Opcode.TEXT, notice.encode(), **how)
+        except ConnectionError as exc:
+            log.info("notice %r in room %s not sent: %s", notice, room, exc)
 
     def message(self, member: Member, opcode, payload: bytes) -> object | None:
         """Attribute the message and send it to the room; what ``settle`` takes, or None."""
@@ -120,7 +129,17 @@ class ChatApp:
                 payload = request.text.encode()
         if opcode is Opcode.TEXT and session.prefix:
             payload = session.prefix + payload
-        return self.bus.publish(session.room.name, opcode, payload, sender=session.username)
+        try:
+            return self.bus.publish(session.room.name, opcode, payload, sender=session.username)
+        except ConnectionError:
+            # Across nodes, Redis gives the one order; without it the message is refused, never
+            # delivered here now and in another order elsewhere later.
+            room = session.room
+            notice = (structured.error(room.name, time.time(), NOT_SENT) if session.structured
+                      else f"* {NOT_SENT}")
+            room.tell(member, text_frame(notice))
+            log.info("refused a message of %s: %s", member.label, NOT_SENT)
+            return None
 
     def settle(self, pending: object) -> None:
         self.bus.settle(pending)
@@ -137,9 +156,20 @@ class ChatApp:
                         "room": room.name, "code": int(member.close_code),
                         "reason": member.close_class, "online": online})
         if session.username and not session.replaced:
-            self.bus.publish(room.name, Opcode.TEXT, f"* {session.username} left".encode(),
-                             sender=session.username, kind=LEAVE)
+            self._announce(room.name, f"* {session.username} left", sender=session.username, kind=LEAVE)
         self.rooms.unseat(room, session)
+
+    def name_lost(self, room_name: str, name: str) -> None:
+        """Across nodes, a resume elsewhere took ``name`` over: close its former connection here (4000)."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        with room.lock:
+            holders = room.presence.holders(name)
+        for session in holders:
+            session.replaced = True  # the name never left the room: no leave notice
+            if session.member is not None:
+                session.member.close(REPLACED_CODE, REPLACED_REASON)
 
     # Plain HTTP routes (the composition root serves them as JSON).
 

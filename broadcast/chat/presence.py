@@ -68,12 +68,14 @@ class Presence:
     def is_taken(self, name: str) -> bool:
         return name in self._holders
 
-    def add(self, member: object, name: str | None, session: str | None = None) -> Seated:
+    def add(self, member: object, name: str | None, session: str | None = None,
+            claimed: str | None = None) -> Seated:
         """Seat ``member``; NameTaken if ``name`` is held and ``session`` is not its holder's token.
 
         A matching ``session`` moves the name and its token to ``member``. A
         session that matches nothing is ignored (the former connection's node
-        may have restarted): the name, if free, gets a fresh token.
+        may have restarted): the name, if free, gets a fresh token, or
+        ``claimed``, a token that already holds the name across nodes.
         """
         if name is None:
             self._anonymous.add(member)
@@ -85,21 +87,29 @@ class Presence:
         elif name in self._holders and not self.allow_duplicate_names:
             raise NameTaken(name, self.room)
         else:
-            token = secrets.token_urlsafe(SESSION_TOKEN_BYTES)
+            token = claimed or secrets.token_urlsafe(SESSION_TOKEN_BYTES)
         self._seats[member] = _Seat(name, token)
         self._holders.setdefault(name, []).append(member)
         return Seated(token, former)
 
-    def remove(self, member: object) -> None:
-        """Unseat ``member``; a no-op if it is not seated (a replaced connection closing later)."""
+    def remove(self, member: object) -> tuple[str, str] | None:
+        """Unseat ``member``; its (name, token), to free across nodes, or None if it held none.
+
+        A no-op if it is not seated (a replaced connection closing later).
+        """
         self._anonymous.discard(member)
         seat = self._seats.pop(member, None)
         if seat is None:
-            return
+            return None
         holders = self._holders[seat.name]
         holders.remove(member)
         if not holders:
             del self._holders[seat.name]
+        return seat.name, seat.token
+
+    def holders(self, name: str) -> list[object]:
+        """The members holding ``name`` here, in join order."""
+        return list(self._holders.get(name, ()))
 
     def _holder_of(self, name: str, session: str) -> object | None:
         """The member holding ``name`` with token ``session``, compared in constant time."""

@@ -32,7 +32,7 @@ from . import structured
 from .history import Entry, History, HistoryBudget
 from ..ids import MessageId, format_id, new_epoch
 from .names import DEFAULT_ROOM
-from .presence import Presence, Seated
+from .presence import NameTaken, Presence, Seated
 
 # Longest a reader is held back, after one read, for clients that our
 # writers have not caught up with; past it, it reads on. A client whose
@@ -45,6 +45,8 @@ BACKPRESSURE_POLL_S = 0.1
 MESSAGE, JOIN, LEAVE = "message", "join", "leave"
 _NOTICES = {JOIN: structured.join, LEAVE: structured.leave}
 _TEXT = Opcode.TEXT
+# A room that cannot open, or a name that cannot be claimed, while Redis does not answer.
+REDIS_UNAVAILABLE = "redis unavailable, try again"
 # The reasons of a gap object: for people, not programs.
 GAP_TRIMMED = "history does not reach back that far"
 GAP_RESTARTED = "history restarted"
@@ -77,8 +79,13 @@ class RoomSettings:
 
 class Room:
     def __init__(self, name: str, settings: RoomSettings, budget: HistoryBudget,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, feed=None) -> None:
         self.name = name
+        # Across nodes (bus.redis.RedisBus), or None: the room's order, ids, names and presence
+        # are shared through it, and it delivers every message in here (``deliver`` with its id).
+        self.feed = feed
+        self._settings = settings
+        self._clock = clock
         # Guards the member tuples, _behind, history and presence.
         self.lock = threading.Lock()
         # Members in join order, one tuple per protocol, immutable so that a
@@ -89,12 +96,31 @@ class Room:
         # swapped out whole by wait_writers, under lock.
         self._behind: list = []
         self._budget = budget
-        self.history = History(new_epoch(), self.lock, budget, size=settings.history_size,
-                               max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s, clock=clock)
+        self.history = self._new_history(new_epoch(), 0)
         self.presence = Presence(name, settings.allow_duplicate_names)  # keyed by the chat's sessions
 
     def __len__(self) -> int:
         return len(self._plain) + len(self._structured)
+
+    def _new_history(self, epoch: str, last_seq: int) -> History:
+        settings = self._settings
+        return History(epoch, self.lock, self._budget, size=settings.history_size,
+                       max_bytes=settings.history_bytes, ttl_s=settings.history_ttl_s, clock=self._clock,
+                       last_seq=last_seq)
+
+    def _restart_history_locked(self, epoch: str, last_seq: int) -> None:
+        """Across nodes: the room's history is Redis's, under its epoch (which changes if Redis lost the room)."""
+        assert self.lock.locked()
+        self.history.close()
+        self.history = self._new_history(epoch, last_seq)
+
+    def restore_locked(self, epoch: str, last_seq: int, messages: list) -> None:
+        """Take the room's history from Redis as the room opens: (seq, ts, sender, payload), oldest first."""
+        assert self.lock.locked()
+        self._restart_history_locked(epoch, messages[0][0] - 1 if messages else last_seq)
+        for seq, ts, sender, payload in messages:
+            plain = _frame(_TEXT, payload)
+            self._keep_locked(seq, ts, sender, payload, plain)
 
     def join(self, member, structured_: bool, history: int | None, since: MessageId | None) -> int:
         """Add ``member``, whose 101 and catch-up are queued (``accept``) before any broadcast can reach it.
@@ -151,9 +177,35 @@ class Room:
 
     def presence_frame_locked(self) -> bytes:
         assert self.lock.locked()
-        presence = self.presence
-        return text_frame(structured.presence(self.history.last_id, self.name, time.time(),
-                                              presence.names(), presence.anonymous))
+        users, anonymous = self.who_locked()
+        return text_frame(structured.presence(self.history.last_id, self.name, time.time(), users, anonymous))
+
+    def who_locked(self) -> tuple[list[str], int]:
+        """Who is in the room, on every node when there are several: (sorted names, anonymous count).
+
+        The other nodes' part is asked of Redis (under the lock: a presence
+        is asked for on join and on request, not per message); while Redis
+        does not answer it is this node's alone.
+        """
+        assert self.lock.locked()
+        users, anonymous = self.presence.names(), self.presence.anonymous
+        if self.feed is not None:
+            try:
+                others, others_anonymous = self.feed.elsewhere(self.name)
+            except ConnectionError:
+                return users, anonymous
+            users, anonymous = sorted(users + others), anonymous + others_anonymous
+        return users, anonymous
+
+    def share_presence(self, freed: tuple[str, str] | None = None) -> None:
+        """Across nodes: free the (name, token) that left, and write who is here now; no lock held (Redis I/O)."""
+        if self.feed is None:
+            return
+        if freed is not None:
+            self.feed.release(self.name, *freed)
+        with self.lock:
+            users, anonymous = self.presence.names(), self.presence.anonymous
+        self.feed.seated(self.name, users, anonymous)
 
     def tell(self, member, frame: bytes) -> None:
         """Queue ``frame`` (an answer to its own request) for ``member`` alone, in the room's order."""
@@ -173,17 +225,22 @@ class Room:
         with self.lock:
             self._plain = tuple(m for m in self._plain if m is not member)
             self._structured = tuple(m for m in self._structured if m is not member)
-            self.presence.remove(session)
-            return len(self)
+            freed = self.presence.remove(session)
+            online = len(self)
+        self.share_presence(freed)
+        return online
 
     def deliver(self, opcode: Opcode, payload: bytes, skip: int | None = None,
-                sender: str | None = None, kind: str = MESSAGE) -> None:
+                sender: str | None = None, kind: str = MESSAGE, id: MessageId | None = None,
+                ts: float | None = None) -> None:
         """Give every member but the one whose id is ``skip`` this message or notice, all in one order.
 
         ``payload`` is what a plain client gets, byte for byte ("[Alice] hi",
         "* Alice joined"); ``sender`` names who said it (its prefix is stripped
         for structured clients). Binary is relayed as it is to both and kept
         nowhere; a text message gets the next id and is kept in history.
+        Across nodes, Redis gave the message its ``id`` and ``ts`` already;
+        one whose SEQ this room has had (a stream read again) is dropped.
         """
         over_budget = False
         with self.lock:
@@ -191,20 +248,19 @@ class Room:
                 plain = shared = _frame(opcode, payload)
             else:
                 plain = _frame(_TEXT, payload)
-                kept = self.history
-                ts = time.time()
+                ts = time.time() if ts is None else ts
                 if kind == MESSAGE:
-                    seq = kept.next_seq
-                    id = format_id(kept.epoch, seq)
-                    head = prefix(sender)
-                    text = payload[len(head):] if payload.startswith(head) else payload
-                    text = text.decode(errors="replace")
-                    replay = text_frame(structured.history(id, self.name, ts, sender, text)) if kept.size else b""
-                    shared = text_frame(structured.message(id, self.name, ts, sender, text)) \
+                    if id is not None and id.epoch != self.history.epoch:
+                        self._restart_history_locked(id.epoch, id.seq - 1)
+                    seq = self.history.next_seq if id is None else id.seq
+                    try:
+                        ident, text, over_budget = self._keep_locked(seq, ts, sender, payload, plain)
+                    except ValueError:
+                        return
+                    shared = text_frame(structured.message(ident, self.name, ts, sender, text)) \
                         if self._structured else b""
-                    over_budget = kept.append(Entry(seq, ts, sender, plain, replay))
                 else:
-                    shared = text_frame(_NOTICES[kind](kept.last_id, self.name, ts, sender))
+                    shared = text_frame(_NOTICES[kind](self.history.last_id, self.name, ts, sender))
             over = self._fan_out_locked(self._plain, plain, skip) + self._fan_out_locked(self._structured, shared, skip)
             if over:
                 self._behind += [m for m, state in over if state != EVICTED]
@@ -214,6 +270,18 @@ class Room:
                 member.evict()
         if over_budget:
             self._budget.enforce()
+
+    def _keep_locked(self, seq: int, ts: float, sender: str | None, payload: bytes,
+                     plain: bytes) -> tuple[str, str, bool]:
+        """Keep text message ``seq``: its id, its text, and True if the node is over its history budget."""
+        assert self.lock.locked()
+        kept = self.history
+        ident = format_id(kept.epoch, seq)
+        head = prefix(sender)
+        text = payload[len(head):] if payload.startswith(head) else payload
+        text = text.decode(errors="replace")
+        replay = text_frame(structured.history(ident, self.name, ts, sender, text)) if kept.size else b""
+        return ident, text, kept.append(Entry(seq, ts, sender, plain, replay))
 
     def _fan_out_locked(self, members: tuple, frame: bytes, skip: int | None) -> list:
         assert self.lock.locked()
@@ -249,7 +317,8 @@ class Room:
     def summary(self) -> dict:
         """For ``GET /rooms/ROOM``: who is here, by name, and how many anonymous."""
         with self.lock:
-            return {"room": self.name, "users": self.presence.names(), "anonymous": self.presence.anonymous}
+            users, anonymous = self.who_locked()
+        return {"room": self.name, "users": users, "anonymous": anonymous}
 
 
 class Rooms(dict):
@@ -268,6 +337,7 @@ class Rooms(dict):
         self.max_rooms = max_rooms
         self.budget = HistoryBudget(history_total_bytes)
         self._lock = threading.Lock()
+        self.feed = None  # across nodes: the bus that shares rooms through Redis (bus.redis.RedisBus)
 
     @property
     def default(self) -> Room | None:
@@ -279,7 +349,9 @@ class Rooms(dict):
 
         Raises Refused 503 past ``max_rooms`` and presence's NameTaken for a
         name held by someone else; under the room's lock, so two Alices
-        cannot both pass.
+        cannot both pass. Across nodes the name is claimed in Redis too, and
+        a ``token`` that holds it there (a resume from another node) takes
+        it over; a room opens only while Redis answers (else 503).
         """
         with self._lock:
             room = self.get(name)
@@ -288,18 +360,57 @@ class Rooms(dict):
                     self._sweep_locked()
                 if len(self) >= self.max_rooms:
                     raise Refused(503, "too many rooms")
-                room = self[name] = Room(name, self.settings, self.budget, self._clock)
+                room = self[name] = Room(name, self.settings, self.budget, self._clock, self.feed)
+                if self.feed is not None:
+                    self._open_locked(room)
+            seated = self._seat_locked(room, session, username, token)
+        room.share_presence()
+        return room, seated
+
+    def _open_locked(self, room: Room) -> None:
+        assert self._lock.locked()
+        with room.lock:
+            try:
+                self.feed.open_locked(room)
+            except ConnectionError:
+                room.history.close()
+                del self[room.name]
+                raise Refused(503, REDIS_UNAVAILABLE) from None
+
+    def _seat_locked(self, room: Room, session, username: str | None, token: str | None) -> Seated:
+        assert self._lock.locked()
+        shared = self.feed is not None and username is not None and not self.settings.allow_duplicate_names
+        claimed = None
+        try:
+            if shared and token and self.feed.claim(room.name, username, token):
+                claimed = token  # a resume: its token holds the name on whichever node it was
             with room.lock:
-                return room, room.presence.add(session, username, token)
+                seated = room.presence.add(session, username, token, claimed)
+            if shared and claimed is None and not self.feed.claim(room.name, username, seated.token):
+                with room.lock:
+                    room.presence.remove(session)
+                raise NameTaken(username, room.name)
+        except ConnectionError:
+            with room.lock:
+                room.presence.remove(session)
+            raise Refused(503, REDIS_UNAVAILABLE) from None
+        return seated
 
     def unseat(self, room: Room, session) -> None:
         """Give the seat back (a refused or closed handshake); the room goes if that left it idle."""
         with self._lock:
             with room.lock:
-                room.presence.remove(session)
+                freed = room.presence.remove(session)
                 if room.idle_locked() and self.get(room.name) is room:
-                    room.history.close()
-                    del self[room.name]
+                    self._remove_locked(room)
+        room.share_presence(freed)
+
+    def _remove_locked(self, room: Room) -> None:
+        assert self._lock.locked() and room.lock.locked()
+        room.history.close()
+        del self[room.name]
+        if self.feed is not None:
+            self.feed.closed(room.name)
 
     def _sweep_locked(self) -> None:
         """Remove every room left idle (its history expired or shed while no one was in it)."""
@@ -307,8 +418,7 @@ class Rooms(dict):
         for room in list(self.values()):
             with room.lock:
                 if room.idle_locked():
-                    room.history.close()
-                    del self[room.name]
+                    self._remove_locked(room)
 
     def listing(self) -> list[dict]:
         """For ``GET /rooms``: every room with someone in it or history, with its counts, by name."""

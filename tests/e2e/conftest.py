@@ -1,10 +1,12 @@
-"""Fixtures for the client's tests (test_client.py, test_client_rooms.py)."""
+"""Fixtures shared by the end-to-end modules: piped clients, and one real redis-server per test that asks for it."""
 
 from __future__ import annotations
 
 import pytest
+from pytest_redis.config import get_config
 
 from support.process import ClientProcess, clean_env
+from support.redis import NOT_INSTALLED, TestRedis
 
 
 @pytest.fixture
@@ -19,3 +21,13 @@ def piped():
     yield start
     for client in clients:
         client.kill()
+
+
+@pytest.fixture
+def redis_server(request, tmp_path_factory):
+    """A redis-server on a free port, stopped at teardown; SKIPPED, saying why, without the binary."""
+    if not get_config(request).exec:
+        pytest.skip(NOT_INSTALLED)
+    server = TestRedis(request, tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.close()

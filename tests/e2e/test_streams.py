@@ -17,25 +17,14 @@ import threading
 import time
 
 import pytest
-from pytest_redis.config import get_config
 
 from broadcast.bus import streams
 from support.process import ROOT, clean_env
-from support.redis import NOT_INSTALLED, TestRedis
 
 pytestmark = pytest.mark.redis
 
 WAIT_S = 10.0  # every wait here ends by then; far past what any step takes unloaded
 SHORT_TTL_S = 1.0  # presence TTL for the tests that watch it expire
-
-
-@pytest.fixture
-def redis_server(request, tmp_path_factory):
-    if not get_config(request).exec:
-        pytest.skip(NOT_INSTALLED)
-    server = TestRedis(request, tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.close()
 
 
 class Node:
@@ -187,6 +176,21 @@ def test_history_then_live_with_no_gap_and_no_duplicate(nodes):
     assert texts(history.entries + live) == [f"m{i}".encode() for i in range(n)]
     assert history.entries[-1].id.seq == history.last_seq
     assert a.gaps() == []
+
+
+def test_notes_come_in_order_without_a_seq_and_stay_out_of_history(nodes):
+    a, b = nodes("a"), nodes("b")
+    a.bus.follow("room", 0)
+    b.bus.publish("room", {"text": "m1"})
+    note = b.bus.publish("room", {"text": "joined"}, message=False)
+    b.bus.publish("room", {"text": "m2"})
+    got = a.wait_entries(3)
+    assert [(e.fields["text"], e.id.seq, e.message) for e in got] == [
+        (b"m1", 1, True), (b"joined", 1, False), (b"m2", 2, True)]
+    assert note == got[1].id  # a note carries the id of the last message before it
+    assert a.gaps() == []
+    assert texts(b.bus.follow("room", 10).entries) == [b"m1", b"m2"]
+    assert texts(b.bus.since("room", note.epoch, 1).entries) == [b"m2"]
 
 
 def test_follow_bounds_the_history(nodes):
@@ -351,7 +355,8 @@ def test_a_killed_node_drops_out_of_presence_and_frees_its_names(redis_server, n
         os.kill(dying.pid, signal.SIGKILL)  # no goodbye
         dying.wait(WAIT_S)
         wait_until(lambda: a.bus.presence("room") == (["Alice"], 0), "Carol gone from presence")
-        assert a.bus.claim("room", "Carol", "token-other")
+        # the claim expires within the same TTL, a moment after the heartbeat key it was renewed with
+        wait_until(lambda: a.bus.claim("room", "Carol", "token-other"), "Carol's name freed")
     finally:
         dying.kill()
         dying.wait(WAIT_S)

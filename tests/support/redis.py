@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import redis
@@ -95,56 +93,12 @@ class TestRedis:
             self._admin = self.client()
         return self._admin
 
-    def numsub(self, channel: str) -> int:
-        return dict(self.admin.pubsub_numsub(channel))[channel.encode()]
-
-    def wait_numsub(self, channel: str, n: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (got := self.numsub(channel)) != n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"PUBSUB NUMSUB {channel} is {got}, not {n}, after {timeout}s")
-            time.sleep(0.02)
-
     def close(self) -> None:
         if self._frozen:
             self.thaw()
         for client in self._clients:
             client.close()
         self.executor.stop()
-
-
-class Monitor(threading.Thread):
-    """Records every command Redis executes (MONITOR) until it sees ``ECHO <sentinel>``."""
-
-    SENTINEL = "monitor-stop"
-
-    def __init__(self, server: TestRedis, timeout: float = 10.0) -> None:
-        super().__init__(name="redis-monitor", daemon=True)
-        self.server = server
-        self.commands: list[str] = []
-        self.error: BaseException | None = None
-        self._client = server.client(timeout)
-        self._monitor = self._client.monitor()
-        self._monitor.__enter__()  # MONITOR is on before start() returns
-
-    def run(self) -> None:
-        try:
-            while True:
-                command = self._monitor.next_command()["command"]
-                if command == f"ECHO {self.SENTINEL}":
-                    return
-                self.commands.append(command)
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-        finally:
-            self._monitor.__exit__(None, None, None)
-
-    def stop(self, timeout: float = 5.0) -> list[str]:
-        self.server.admin.echo(self.SENTINEL)
-        self.join(timeout)
-        assert not self.is_alive(), "MONITOR did not see its sentinel"
-        assert self.error is None, repr(self.error)
-        return self.commands
 
 
 # /healthz
