@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from datetime import datetime, timezone
 
@@ -91,3 +92,18 @@ def setup(level: str, log_format: str) -> None:
         return
     logging.basicConfig(level=level, format=LOG_FORMAT)
     install()
+
+
+def last_words(logger: logging.Logger, level: int, message: str) -> None:
+    """Log ``message`` from a signal handler that is about to end the process.
+
+    It goes straight to stderr, formatted and filtered like any record but
+    without the handler's lock: the thread the handler interrupted, or a
+    reader blocked writing to a full stderr pipe, may hold that lock, and
+    the process must exit now, not when it is released.
+    """
+    record = logger.makeRecord(logger.name, level, "(signal)", 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if handler.filter(record):
+            os.write(2, (handler.format(record) + "\n").encode("utf-8", "replace"))
+            return

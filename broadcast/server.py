@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(signum).name
         if stop.is_set():
             # A second signal: the operator does not want to wait.
-            log.warning("received %s again, exiting without waiting for clients", name)
+            logs.last_words(log, logging.WARNING, f"received {name} again, exiting without waiting for clients")
             os._exit(1)
         stop.set()
         log.info("received %s, shutting down", name)
