@@ -13,7 +13,6 @@ import io
 import json
 import queue
 import signal
-import socket
 import sys
 import threading
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from support.process import CLIENT, ROOT, START_TIMEOUT_S, ClientProcess, clean_env
+from support.proxy import Relay
 
 from broadcast.client import RECONNECT_MAX_DELAY_S
 
@@ -36,74 +36,12 @@ ENV = clean_env()
 CUT_MESSAGES = 10  # published before the cut, while the client reads
 MISSED_MESSAGES = 20  # published while the client is cut off
 LIVE_MESSAGES = 10  # published once the client is back
-CHUNK_BYTES = 65536  # what the forwarder moves at once
 LOST = "connection lost: the server hung up without a close frame; reconnecting"
-
-
-class CuttableProxy:
-    """A TCP forwarder on 127.0.0.1 to ``port``; ``cut`` drops every connection and refuses new ones."""
-
-    def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.lock = threading.Lock()  # guards sockets
-        self.sockets: list[socket.socket] = []
-        self.open = threading.Event()
-        self.open.set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if not self.open.is_set():
-                down.close()  # the client sees the server hang up during the handshake, and tries again
-                continue
-            up = socket.create_connection(("127.0.0.1", self.upstream), timeout=WAIT)
-            up.settimeout(None)
-            with self.lock:
-                self.sockets += [down, up]
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(CHUNK_BYTES):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            _drop(sock)
-
-    def cut(self) -> None:
-        self.open.clear()
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for sock in sockets:
-            _drop(sock)
-
-    def resume(self) -> None:
-        self.open.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
-def _drop(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
 
 
 @pytest.fixture
 def proxy(server):
-    cutter = CuttableProxy(server.port)
+    cutter = Relay(server.port)
     yield cutter
     cutter.close()
 
@@ -131,14 +69,14 @@ def cut_while_the_room_goes_on(server, proxy, piped, *client_args: str):
     """A client through ``proxy``, cut off while MISSED_MESSAGES are published: (client, its stdout lines)."""
     total = CUT_MESSAGES + MISSED_MESSAGES + LIVE_MESSAGES
     with connect(server.url, open_timeout=WAIT, close_timeout=1) as observer:
-        client = piped("--addr", proxy.addr, "--username", "Reader", *client_args)
+        client = piped("--addr", f"127.0.0.1:{proxy.port}", "--username", "Reader", *client_args)
         receive_until(observer, "* Reader joined", STARTED)
         publish(observer, range(CUT_MESSAGES))
         client.stdout.wait_for(rf"^m{CUT_MESSAGES - 1}$")
-        proxy.cut()
+        proxy.down()
         receive_until(observer, "* Reader left")  # the server has seen the cut
         publish(observer, range(CUT_MESSAGES, CUT_MESSAGES + MISSED_MESSAGES))
-        proxy.resume()
+        proxy.up()
         receive_until(observer, "* Reader joined", REJOIN_WAIT_S)
         publish(observer, range(CUT_MESSAGES + MISSED_MESSAGES, total))
         client.stdout.wait_for(rf"^m{total - 1}$")
@@ -156,7 +94,7 @@ def test_recovery_after_the_connection_is_cut_mid_stream(server, proxy, piped):
 def test_a_gap_is_told_when_the_history_cannot_cover_the_cut(start_server, piped):
     history = 5
     server = start_server("--history-size", str(history))
-    proxy = CuttableProxy(server.port)
+    proxy = Relay(server.port)
     try:
         client, lines = cut_while_the_room_goes_on(server, proxy, piped)
     finally:
@@ -190,20 +128,20 @@ def test_a_restarted_server_is_rejoined_with_the_room_going_on(start_server, pip
 
 
 def test_a_name_taken_while_cut_off_ends_the_session_with_the_409(server, proxy, piped):
-    client = piped("--addr", proxy.addr, "--username", "Alice")
+    client = piped("--addr", f"127.0.0.1:{proxy.port}", "--username", "Alice")
     with connect(server.url, open_timeout=WAIT, close_timeout=1) as observer:
         receive_until(observer, "* Alice joined", STARTED)
         client.send("here")  # sent once the client has the handshake's answer: the cut is not in the handshake
         receive_until(observer, "[Alice] here")
-        proxy.cut()
+        proxy.down()
         receive_until(observer, "* Alice left")
         with connect(f"{server.url}?username=Alice", open_timeout=WAIT, close_timeout=1):
             receive_until(observer, "* Alice joined")
-            proxy.resume()
+            proxy.up()
             assert client.wait(REJOIN_WAIT_S) == 1  # refused once, not tried again
     errors = client.stderr.all()
     assert errors[0] == LOST
-    assert errors[1:] == [f"broadcast-client: ws://{proxy.addr}/ws?username=Alice rejected the handshake: "
+    assert errors[1:] == [f"broadcast-client: ws://127.0.0.1:{proxy.port}/ws?username=Alice rejected the handshake: "
                           "HTTP 409 name Alice is taken in room lobby"]
 
 
