@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end modules: piped clients, and one real redis-server per test that asks for it."""
+"""Fixtures shared by the end-to-end modules: piped clients, and real redis-servers for the tests marked redis."""
 
 from __future__ import annotations
 
@@ -24,10 +24,24 @@ def piped():
 
 
 @pytest.fixture
-def redis_server(request, tmp_path_factory):
-    """A redis-server on a free port, stopped at teardown; SKIPPED, saying why, without the binary."""
+def redis_factory(request, tmp_path_factory):
+    """Factory: ``redis_factory(start=True)`` -> a TestRedis, stopped at teardown."""
+    assert request.node.get_closest_marker("redis"), "a test that needs Redis is marked redis"
     if not get_config(request).exec:
         pytest.skip(NOT_INSTALLED)
-    server = TestRedis(request, tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.close()
+    made: list[TestRedis] = []
+
+    def make(start: bool = True) -> TestRedis:
+        # mktemp's short path keeps Redis's unix socket path under 107 bytes.
+        server = TestRedis(request, tmp_path_factory.mktemp("redis"))
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def redis_server(redis_factory):
+    return redis_factory()

@@ -18,7 +18,6 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.test_redis import redis_factory, redis_server  # noqa: F401 - fixtures
 from support.process import SERVER, run
 from support.rawws import RawWS
 from support.redis import wait_health

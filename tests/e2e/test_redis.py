@@ -27,17 +27,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from pytest_redis.config import get_config
 from websockets.exceptions import InvalidStatus
 
 from support.process import clean_env, health, wait_connections
 from support.rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, close_payload
-from support.redis import (
-    NOT_INSTALLED,
-    TestRedis,
-    percentile,
-    wait_health,
-)
+from support.redis import percentile, wait_health
 from support.wsclients import (
     Closed,
     Collector,
@@ -59,30 +53,6 @@ NOT_SENT = "* not sent: "  # what a plain client is told when its message cannot
 
 
 # Fixtures
-
-
-@pytest.fixture
-def redis_factory(request, tmp_path_factory):
-    """Factory: ``redis_factory(start=True)`` -> a TestRedis, stopped at teardown."""
-    assert request.node.get_closest_marker("redis"), "a test that needs Redis is marked redis"
-    if not get_config(request).exec:
-        pytest.skip(NOT_INSTALLED)
-    made: list[TestRedis] = []
-
-    def make(start: bool = True) -> TestRedis:
-        # mktemp's short path keeps Redis's unix socket path under 107 bytes.
-        server = TestRedis(request, tmp_path_factory.mktemp("redis"))
-        made.append(server)
-        return server.start() if start else server
-
-    yield make
-    for server in made:
-        server.close()
-
-
-@pytest.fixture
-def redis_server(redis_factory):
-    return redis_factory()
 
 
 # Helpers
