@@ -105,24 +105,35 @@ def test_a_gap_is_told_when_the_history_cannot_cover_the_cut(start_server, piped
 
 
 def test_a_restarted_server_is_rejoined_with_the_room_going_on(start_server, piped):
-    """SIGTERM closes with 1001; the client finds the new server on the port, whose history is new."""
+    """SIGTERM closes with 1001; the client finds the new server on the port, whose history is new.
+
+    The client dials through a relay that the test holds shut while the new
+    server starts, so the observer is in the room before the client can be:
+    otherwise a quick rejoin lands before the observer, and its notice is missed.
+    """
     server = start_server()
-    client = piped("--addr", server.addr, "--username", "Reader", "--room", "dev")
-    with connect(f"{server.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
-        receive_until(observer, "* Reader joined", STARTED)
-        publish(observer, range(2))
-        client.stdout.wait_for("^m1$")
-    server.stop(signal.SIGTERM)
-    client.stderr.wait_for(r"^connection closed by server: 1001 .*; reconnecting$", STARTED)
-    again = start_server("--port", str(server.port))
-    with connect(f"{again.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
-        receive_until(observer, "* Reader joined", REJOIN_WAIT_S)
-        publish(observer, range(2, 4))
-    client.stdout.wait_for("^m3$")
-    client.send("back")
-    client.stdout.wait_for(r"^\[Reader\] back$")
-    client.proc.stdin.close()
-    assert client.wait() == 0
+    relay = Relay(server.port)
+    try:
+        client = piped("--addr", f"127.0.0.1:{relay.port}", "--username", "Reader", "--room", "dev")
+        with connect(f"{server.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
+            receive_until(observer, "* Reader joined", STARTED)
+            publish(observer, range(2))
+            client.stdout.wait_for("^m1$")
+        server.stop(signal.SIGTERM)
+        client.stderr.wait_for(r"^connection closed by server: 1001 .*; reconnecting$", STARTED)
+        relay.down()  # after the 1001: the close the client reads is the server's own
+        again = start_server("--port", str(server.port))
+        with connect(f"{again.url}/dev", open_timeout=WAIT, close_timeout=1) as observer:
+            relay.up()
+            receive_until(observer, "* Reader joined", REJOIN_WAIT_S)
+            publish(observer, range(2, 4))
+        client.stdout.wait_for("^m3$")
+        client.send("back")
+        client.stdout.wait_for(r"^\[Reader\] back$")
+        client.proc.stdin.close()
+        assert client.wait() == 0
+    finally:
+        relay.close()
     assert client.stdout.all() == [*numbered(range(4)), "[Reader] back"]
     assert client.stderr.all()[1:] == ["reconnected; some messages could not be recovered"]
 
