@@ -166,6 +166,8 @@ def _interrupt_once(signum, frame):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionClosed):  # cut before the request went out: websockets says so, not OSError
+        return "the server hung up during the handshake"
     if isinstance(exc, InvalidMessage) and exc.__cause__ is not None:
         exc = exc.__cause__  # why the response was not valid HTTP: too long, too many headers, EOF
         if isinstance(exc, EOFError):
@@ -542,7 +544,7 @@ class Session:
                 if exc.response.status_code < 500:  # refused, not overloaded: asking again changes nothing
                     return 1, _refusal(redact_url(self.url), exc)
                 reason = f"HTTP {exc.response.status_code}"
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+            except CONNECT_ERRORS as exc:
                 reason = _reason(exc)
             else:
                 return self._resume_on(ws)
@@ -671,6 +673,12 @@ def _headers(args) -> list[tuple[str, str]]:
     return headers
 
 
+# What a failed connect() raises; ConnectionClosed when the peer hangs up
+# before websockets could even send the request (a server shutting down, a
+# proxy turning connections away).
+CONNECT_ERRORS = (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed)
+
+
 def _connect(url: str, args, tls: ssl.SSLContext | None, headers: list[tuple[str, str]]):
     """The WebSocket to ``url``, asking for broadcast.v1; the library's exception if none."""
     # No Origin header unless asked: that is how a server tells a program
@@ -729,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot connect to {shown}: no valid handshake response: {_reason(exc)}{hint}",
               file=sys.stderr)
         return 1
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+    except CONNECT_ERRORS as exc:
         print(f"{PROG}: cannot connect to {shown}: {_reason(exc)}", file=sys.stderr)
         return 1
     with ws:

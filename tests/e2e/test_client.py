@@ -900,6 +900,20 @@ def test_trickled_handshake_is_bounded_by_the_connect_timeout():
     assert server.sent < 600
 
 
+# A hang-up before the request is written reaches websockets' reader thread
+# first or its handshake first, by the scheduler's choice: a few tries see both.
+HANG_UP_TRIES = 5
+
+
+def test_a_server_that_hangs_up_at_once_costs_one_line():
+    for _ in range(HANG_UP_TRIES):
+        server = HostileServer(lambda server, sock: None)  # accepted, then closed unread
+        result = run_against(server)
+        assert result.status == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"broadcast-client: cannot connect to ws://{server.addr}/ws: "), result.stderr
+
+
 @pytest.fixture(scope="module")
 def rss_bound_kib() -> int:
     """The client's peak RSS against a server that refuses at once, plus the headroom."""
