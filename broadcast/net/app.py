@@ -7,8 +7,9 @@ reaches a client only through its send channel. Neither writes the other's
 fields: the application keeps its per-connection state in its own object
 (``Admit.session``), which the engine stores and hands back, unread.
 
-Both sides may import this module, and chat/ and bus/ import nothing else
-of net/.
+The ``Feed`` a room broadcasts through is here too: the room appends to it,
+the engine's outboxes read it. Both sides may import this module, and chat/
+and bus/ import nothing else of net/.
 """
 
 from __future__ import annotations
@@ -153,10 +154,13 @@ SEGMENT_BYTES = 64 * 1024
 class Segment:
     """A run of a feed's frames; ``next`` is set once it is full, after its last frame."""
 
-    __slots__ = ("frames", "bytes", "skips", "next")
+    __slots__ = ("frames", "ends", "bytes", "skips", "next")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
+        # The feed's byte count after each frame, appended before it: a follower
+        # learns what it took from one lookup, not by measuring every frame.
+        self.ends: list[int] = []
         self.bytes = 0
         self.skips: dict[int, int] | None = None  # frame index -> the one member id it is not for
         self.next: Segment | None = None
@@ -179,7 +183,7 @@ class Feed:
     def __init__(self) -> None:
         self.tail = Segment()
         self.bytes = 0  # all ever appended: a follower's backlog is this less what it took
-        self.idle: list = []  # outboxes (net.outbox.Outbox)
+        self.idle: dict = {}  # outboxes (net.outbox.Outbox), as an ordered set; one that leaves takes itself out
 
     def append(self, frame: bytes, skip: int | None = None) -> bool:
         """Add ``frame`` for every follower but member ``skip``; True when a segment filled (check the bounds)."""
@@ -188,17 +192,18 @@ class Feed:
             if tail.skips is None:
                 tail.skips = {}
             tail.skips[len(tail.frames)] = skip
-        tail.frames.append(frame)
         size = len(frame)
-        tail.bytes += size
         self.bytes += size
+        tail.ends.append(self.bytes)
+        tail.frames.append(frame)
+        tail.bytes += size
         full = len(tail.frames) >= SEGMENT_FRAMES or tail.bytes >= SEGMENT_BYTES
         if full:
             segment = Segment()
             tail.next = segment
             self.tail = segment
         if self.idle:
-            idle, self.idle = self.idle, []
-            for outbox in idle:
+            idle, self.idle = self.idle, {}
+            for outbox in list(idle):  # a copy: an outbox closing on another thread may take itself out
                 outbox.wake()
         return full

@@ -44,12 +44,18 @@ STALLED_AFTER_S = 2.0
 # slot): pongs are 2 bytes, so counting bytes alone would let a pinger owe
 # twenty times more memory than --send-queue-bytes.
 CHUNK_OVERHEAD_BYTES = 64
+
+
 class Outbox:
     """Bytes owed to one client, in order, bounded in size.
 
-    Only its writer sends, so bytes can never interleave; ``scheduled`` is
-    true while the outbox sits in its writer's ready queue or epoll set,
-    which is what keeps it there at most once.
+    They are what it is sent alone (``put``, ``put_control``) and what the
+    room's feed it follows brings, which stays in the feed, shared, until
+    the writer takes it: a frame sent alone first takes in all the feed had
+    before it, so the two keep one order. Only its writer sends, so bytes
+    can never interleave; ``scheduled`` is true while the outbox sits in
+    its writer's ready queue or epoll set, which is what keeps it there at
+    most once.
     """
 
     __slots__ = (
@@ -84,7 +90,7 @@ class Outbox:
         self.member: int | None = None  # whose frames these are, for the feed's skips
 
     def put(self, frame: bytes) -> int:
-        """Queue one data frame; QUEUED, or BEHIND or EVICTED past the bound.
+        """Queue one data frame for this client alone; QUEUED, or BEHIND or EVICTED past the bound.
 
         Admit-then-bound: a frame is refused only to a client already more
         than ``limit`` behind when it arrives, so any message the server
@@ -169,7 +175,7 @@ class Outbox:
         with self.lock:
             if self.feed is not None:
                 self._pull_locked()
-                self._detach_locked()
+            self._detach_locked()
             if feed is None or self.closing:
                 return
             self.feed = feed
@@ -178,7 +184,7 @@ class Outbox:
             self.fed = feed.bytes
             self.member = member
             if not self.scheduled:
-                feed.idle.append(self)
+                feed.idle[self] = None
 
     def wake(self) -> None:
         """The feed has more: have the writer send it, unless it is on its way already."""
@@ -196,15 +202,16 @@ class Outbox:
             following = segment.next  # read first: once it is set, the slice below is final
             frames = segment.frames[index:]
             if frames:
-                index += len(frames)
-                size = sum(map(len, frames))
-                self.fed += size
+                start, index = index, index + len(frames)
+                end = segment.ends[index - 1]  # appended before the frame, so there
                 skips = segment.skips
                 if skips is not None and member in skips.values():
-                    frames = [f for i, f in enumerate(frames, index - len(frames)) if skips.get(i) != member]
-                    size = sum(map(len, frames))
+                    frames = [f for i, f in enumerate(frames, start) if skips.get(i) != member]
+                    self.queued += sum(map(len, frames))
+                else:
+                    self.queued += end - self.fed
+                self.fed = end
                 self.chunks += frames
-                self.queued += size
                 self.frames += len(frames)
             if following is None:
                 break
@@ -220,7 +227,9 @@ class Outbox:
     def _detach_locked(self) -> None:
         """Follow the feed no more; it holds nothing of ours, and we no longer hold its old segments."""
         assert self.lock.locked()
-        self.feed = self.segment = None
+        if self.feed is not None:
+            self.feed.idle.pop(self, None)
+            self.feed = self.segment = None
 
     def _owed(self) -> int:
         """Bytes this client is owed: its own queue, the unsent head, and the feed past its place."""
@@ -343,7 +352,7 @@ class Outbox:
     def _idle(self) -> int:
         feed = self.feed
         if feed is not None:
-            feed.idle.append(self)  # before the last look, so the next append cannot miss us
+            feed.idle[self] = None  # before the last look, so the next append cannot miss us
             if self._more_locked():
                 return AGAIN
         self.scheduled = False

@@ -148,6 +148,17 @@ def test_since_from_another_epoch_is_a_gap_then_the_joiners_history():
     assert (history["kind"], history["text"], presence["kind"]) == ("history", "m0", "presence")
 
 
+def test_a_member_that_left_keeps_what_came_before_and_gets_nothing_after():
+    rooms = Rooms()
+    room, stays, _ = joined(rooms, "r", 1, False)
+    _, goes, session = joined(rooms, "r", 2, False)
+    room.deliver(Opcode.TEXT, b"both")
+    assert room.leave(goes, session) == 1
+    room.deliver(Opcode.TEXT, b"one")
+    assert [payload(f) for f in goes.frames] == [b"both"]
+    assert [payload(f) for f in stays.frames] == [b"both", b"one"]
+
+
 def test_past_max_rooms_a_new_room_is_refused_and_an_idle_room_goes():
     rooms = Rooms(RoomSettings(history_size=0), max_rooms=1)
     room, member, session = joined(rooms, "a", 1, False)
