@@ -252,6 +252,14 @@ def test_a_failed_send_aborts_the_transport_and_drops_what_is_owed():
 # following a room's feed
 
 
+def following(limit: int = 100) -> tuple[Outbox, FakeTransport, FakeWriter, Feed]:
+    """An outbox that follows a new feed as member 1."""
+    outbox, transport, writer = make(limit)
+    feed = Feed()
+    outbox.follow(feed, 1)
+    return outbox, transport, writer, feed
+
+
 def test_a_follower_gets_the_feed_in_order_after_what_it_was_sent_alone_and_across_segments():
     outbox, transport, writer = make(limit=1 << 20)
     feed = Feed()
@@ -285,9 +293,7 @@ def test_a_frame_that_skips_one_member_reaches_every_other_follower():
 
 
 def test_a_follower_that_caught_up_is_woken_by_the_next_append_once():
-    outbox, transport, writer = make()
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, writer, feed = following()
     assert writer.scheduled == [] and list(feed.idle) == [outbox]
     feed.append(b"one")
     feed.append(b"two")
@@ -301,9 +307,7 @@ def test_a_follower_that_caught_up_is_woken_by_the_next_append_once():
 
 
 def test_what_the_feed_gets_while_a_flush_goes_idle_is_not_missed():
-    outbox, transport, _ = make()
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, _, feed = following()
     feed.append(b"one")
     transport.during_send = lambda: feed.append(b"two")  # appended while the writer sends, idle list empty
     assert outbox.flush() == AGAIN
@@ -313,9 +317,7 @@ def test_what_the_feed_gets_while_a_flush_goes_idle_is_not_missed():
 
 
 def test_the_feed_counts_toward_the_bound_and_a_stalled_follower_is_dropped_from_it(clock):
-    outbox, transport, _ = make(limit=SEGMENT_BYTES // 2)
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, _, feed = following(SEGMENT_BYTES // 2)
     big = b"x" * (SEGMENT_BYTES // 4)
     assert feed.append(big) is False
     assert outbox.check() == QUEUED
@@ -332,9 +334,7 @@ def test_the_feed_counts_toward_the_bound_and_a_stalled_follower_is_dropped_from
 
 
 def test_wait_counts_what_the_feed_owes():
-    outbox, transport, _ = make(limit=10)
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, _, feed = following(10)
     feed.append(b"x" * 30)
     assert outbox.wait(0) is False
     assert outbox.flush() == FLUSHED
@@ -342,9 +342,7 @@ def test_wait_counts_what_the_feed_owes():
 
 
 def test_follow_none_keeps_what_came_before_and_nothing_after():
-    outbox, transport, _ = make()
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, _, feed = following()
     feed.append(b"kept")
     outbox.follow(None, 1)
     assert not feed.idle  # a silent room keeps no outbox that left
@@ -354,9 +352,7 @@ def test_follow_none_keeps_what_came_before_and_nothing_after():
 
 
 def test_the_close_frame_is_the_last_thing_a_follower_is_sent():
-    outbox, transport, _ = make()
-    feed = Feed()
-    outbox.follow(feed, 1)
+    outbox, transport, _, feed = following()
     feed.append(b"owed")
     assert outbox.put_control([b"close"], closing=True)
     feed.append(b"late")
