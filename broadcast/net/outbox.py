@@ -59,7 +59,7 @@ class Outbox:
     """
 
     __slots__ = (
-        "transport", "writer", "limit", "lock", "chunks", "queued", "head",
+        "transport", "writer", "limit", "lock", "chunks", "_queued", "head",
         "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
         "drained", "caught_up", "frames", "feed", "segment", "index", "fed", "member",
     )
@@ -70,7 +70,7 @@ class Outbox:
         self.limit = limit
         self.lock = threading.Lock()
         self.chunks: list[bytes] = []  # not yet handed to the transport
-        self.queued = 0  # bytes in chunks
+        self._queued = 0  # bytes in chunks
         self.head: bytes | memoryview = b""  # encoded, partly sent
         self.scheduled = False
         self.closing = False  # a close frame is queued or the client is evicted
@@ -105,14 +105,14 @@ class Outbox:
                 return QUEUED
             if self.feed is not None:
                 self._pull_locked()  # what the room sent before goes first
-            queued = self.queued + len(frame)
+            queued = self._queued + len(frame)
             state = QUEUED
             if self._owed() > self.limit:
                 if self._stalled_locked():
                     return EVICTED
                 state = BEHIND
             self.chunks.append(frame)
-            self.queued = queued
+            self._queued = queued
             self.frames += 1
             if self.scheduled:
                 return state
@@ -139,12 +139,12 @@ class Outbox:
             if not writes[-1]:
                 self.eof = True
             if data:
-                queued = self.queued + len(data) + CHUNK_OVERHEAD_BYTES
+                queued = self._queued + len(data) + CHUNK_OVERHEAD_BYTES
                 if not (closing or self.closing) and queued + len(self.head) > self.limit \
                         and self._stalled_locked():
                     return False
                 self.chunks.append(data)
-                self.queued = queued
+                self._queued = queued
             if closing:
                 self._detach_locked()  # the close frame is the last thing sent
             self.closing = self.closing or closing
@@ -162,7 +162,7 @@ class Outbox:
             return False
         self.closing = True
         self.chunks.clear()
-        self.queued = 0
+        self._queued = 0
         self._detach_locked()
         self._catch_up_locked()
         return True
@@ -207,9 +207,9 @@ class Outbox:
                 skips = segment.skips
                 if skips is not None and member in skips.values():
                     frames = [f for i, f in enumerate(frames, start) if skips.get(i) != member]
-                    self.queued += sum(map(len, frames))
+                    self._queued += sum(map(len, frames))
                 else:
-                    self.queued += end - self.fed
+                    self._queued += end - self.fed
                 self.fed = end
                 self.chunks += frames
                 self.frames += len(frames)
@@ -231,11 +231,15 @@ class Outbox:
             self.feed.idle.pop(self, None)
             self.feed = self.segment = None
 
-    def _owed(self) -> int:
-        """Bytes this client is owed: its own queue, the unsent head, and the feed past its place."""
+    @property
+    def queued(self) -> int:
+        """Bytes not yet handed to the transport: its own queue and the feed past its place (for the metrics)."""
         feed = self.feed
-        owed = self.queued + len(self.head)
-        return owed if feed is None else owed + feed.bytes - self.fed
+        return self._queued if feed is None else self._queued + feed.bytes - self.fed
+
+    def _owed(self) -> int:
+        """Bytes this client is owed: ``queued`` and the unsent head."""
+        return self.queued + len(self.head)
 
     def check(self) -> int:
         """A follower's standing against its bound, for the room: QUEUED, BEHIND or EVICTED (as ``put``)."""
@@ -289,7 +293,7 @@ class Outbox:
             self.dead = True
             self.closing = True
             self.chunks.clear()
-            self.queued = 0
+            self._queued = 0
             self._detach_locked()
             self._catch_up_locked()
         self.writer.schedule(self)
@@ -306,7 +310,7 @@ class Outbox:
                 chunks = self.chunks
                 data = transport.encode(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 chunks.clear()
-                self.queued = 0
+                self._queued = 0
                 self.head = bytes(self.head) + data if self.head else data
             if self.eof and not self.head:
                 self.eof = False
@@ -328,7 +332,7 @@ class Outbox:
             with self.lock:
                 self.closing = True
                 self.chunks.clear()
-                self.queued = 0
+                self._queued = 0
                 self.head = b""
                 self._detach_locked()
                 self._catch_up_locked()
