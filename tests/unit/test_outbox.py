@@ -16,7 +16,7 @@ import pytest
 from broadcast.net import outbox as outbox_module
 from broadcast.net.app import SEGMENT_BYTES, SEGMENT_FRAMES, Feed
 from broadcast.net.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
-                              STALLED_AFTER_S, Outbox)
+                              STALLED_AFTER_S, Outbox, Writer)
 from support.fakes import FakeTime
 
 WAIT_S = 5.0  # bound on any wait for another thread
@@ -314,6 +314,27 @@ def test_what_the_feed_gets_while_a_flush_goes_idle_is_not_missed():
     transport.during_send = None
     assert outbox.flush() == FLUSHED
     assert transport.sent == b"onetwo"
+
+
+def test_real_writers_send_every_frame_of_a_busy_feed_in_order():
+    """No wake-up is lost between followers going idle and a publisher appending, on real writer threads."""
+    writers = [Writer(f"test-writer-{i}") for i in range(2)]
+    feed, lock = Feed(), threading.Lock()  # the lock stands for the room's
+    followers = [(Outbox(transport, writers[i % 2], 1 << 30), transport)
+                 for i, transport in enumerate(FakeTransport() for _ in range(4))]
+    with lock:
+        for i, (outbox, _) in enumerate(followers):
+            outbox.follow(feed, i)
+    frames = [b"%d," % n for n in range(3 * SEGMENT_FRAMES)]
+    pause = threading.Event()
+    for n, frame in enumerate(frames):
+        with lock:
+            feed.append(frame)
+        if n % 50 == 0:
+            pause.wait(0.001)  # let the followers catch up and go idle, again and again
+    expected = b"".join(frames)
+    assert until(lambda: all(len(t.sent) == len(expected) for _, t in followers))
+    assert all(bytes(t.sent) == expected for _, t in followers)
 
 
 def test_the_feed_counts_toward_the_bound_and_a_stalled_follower_is_dropped_from_it(clock):
