@@ -16,8 +16,9 @@ A message is encoded once per protocol under that lock, where its id is
 decided: one plain frame, one structured frame (and, when history is on,
 the structured ``history`` frame kept for replays). Plain and structured
 members are kept apart, each protocol with its own feed; joining and
-leaving cost the same however many are in the room. A joiner's history is queued in the same locked step as it joins,
-so between history and live nothing is missing and nothing comes twice.
+leaving cost the same however many are in the room. A joiner's history is
+queued in the same locked step as it joins, so between history and live
+nothing is missing and nothing comes twice.
 """
 
 from __future__ import annotations

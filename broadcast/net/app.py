@@ -63,9 +63,9 @@ def request_target(path: str, headers) -> SplitResult:
 class Member(Protocol):
     """A joined connection, as a room sees it.
 
-    A room's broadcast reaches it through the feed it ``follow``s (a
-    net.outbox.Feed: one append per message, however many follow); ``send``
-    is for frames to it alone. The calls are the outbox's own bound methods.
+    A room's broadcast reaches it through the ``Feed`` (below) it
+    ``follow``s: one append per message, however many follow; ``send`` is
+    for frames to it alone. The calls are the outbox's own bound methods.
     """
 
     id: int  # stable for the process's life, unlike id(): what the bus names a sender by
@@ -81,7 +81,7 @@ class Member(Protocol):
         """Queue one encoded data frame: QUEUED, BEHIND or EVICTED (then call ``evict``, outside locks)."""
 
     def follow(self, feed, member: int) -> None:
-        """Be sent what ``feed`` gets from now on, but frames that skip ``member`` (None: stop); under the room's lock."""
+        """Be sent what ``feed`` gets from now on, but frames that skip ``member`` (None: stop); under the room lock."""
 
     def check(self) -> int:
         """Where it stands against its bound, as ``send`` answers, for frames it got through its feed."""
