@@ -1,21 +1,24 @@
 """Rooms of joined clients: the one place where broadcast order is decided.
 
 A room owns its members: they join and leave only here, and it reaches them
-only through the engine's ``Member`` port. Every frame is appended to every
-member's outbox (``Member.send``, the outbox's own bound method) while the
-lock is held,
-so all clients see one order. Appending never blocks (it is a list append
-and, at most, a wake-up of a writer), which is what makes holding a lock
-across the whole fan-out cheap and safe. When the writers fall behind, it
-is the publishers who wait (``wait_writers``), after the fan-out and outside
-the lock, never the fan-out itself.
+only through the engine's ``Member`` port. Every frame is appended once to
+the room's feed for its protocol (net.app.Feed), which each member's
+outbox follows, while the lock is held, so all clients see one order and a
+message costs the room one append, not one per member. Appending never
+blocks (a list append and, at most, a wake-up of the writers of members
+that had caught up), which is what makes holding a lock across it cheap and
+safe. Each time a feed's segment fills, the room looks at its members'
+bounds: when the writers fall behind, it is the publishers who wait
+(``wait_writers``), after the fan-out and outside the lock, never the
+fan-out itself; a member whose socket stalled is evicted.
 
 A message is encoded once per protocol under that lock, where its id is
 decided: one plain frame, one structured frame (and, when history is on,
 the structured ``history`` frame kept for replays). Plain and structured
-members are kept in two tuples, so the fan-out stays one ``send`` per member
-and frame. A joiner's history is queued in the same locked step as it joins,
-so between history and live nothing is missing and nothing comes twice.
+members are kept apart, each protocol with its own feed; joining and
+leaving cost the same however many are in the room. A joiner's history is
+queued in the same locked step as it joins, so between history and live
+nothing is missing and nothing comes twice.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 from websockets.frames import Frame, Opcode
 
-from ..net.app import EVICTED, Refused
+from ..net.app import EVICTED, Feed, Refused
 from . import structured
 from .history import Entry, History, HistoryBudget
 from ..ids import MessageId, format_id, new_epoch
@@ -86,12 +89,13 @@ class Room:
         self.feed = feed
         self._settings = settings
         self._clock = clock
-        # Guards the member tuples, _behind, history and presence.
+        # Guards the members, the feeds' appends, _behind, history and presence.
         self.lock = threading.Lock()
-        # Members in join order, one tuple per protocol, immutable so that a
-        # broadcast iterates without copying; rebuilt only on join and leave.
-        self._plain: tuple = ()
-        self._structured: tuple = ()
+        # Members by protocol (dicts as ordered sets), and the feed each protocol's members follow.
+        self._plain: dict = {}
+        self._structured: dict = {}
+        self._plain_feed = Feed()
+        self._structured_feed = Feed()
         # Members that went over their bound while their socket took data;
         # swapped out whole by wait_writers, under lock.
         self._behind: list = []
@@ -137,9 +141,11 @@ class Room:
                     evicted = True
                     break
             if structured_:
-                self._structured += (member,)
+                self._structured[member] = None
+                member.follow(self._structured_feed, member.id)
             else:
-                self._plain += (member,)
+                self._plain[member] = None
+                member.follow(self._plain_feed, member.id)
             online = len(self)
         if evicted:
             member.evict()
@@ -223,8 +229,9 @@ class Room:
     def leave(self, member, session) -> int:
         """Remove ``member`` and its seat if present; returns the new count."""
         with self.lock:
-            self._plain = tuple(m for m in self._plain if m is not member)
-            self._structured = tuple(m for m in self._structured if m is not member)
+            self._plain.pop(member, None)
+            self._structured.pop(member, None)
+            member.follow(None, member.id)  # what it was sent before goes; nothing after
             freed = self.presence.remove(session)
             online = len(self)
         self.share_presence(freed)
@@ -261,7 +268,11 @@ class Room:
                         if self._structured else b""
                 else:
                     shared = text_frame(_NOTICES[kind](self.history.last_id, self.name, ts, sender))
-            over = self._fan_out_locked(self._plain, plain, skip) + self._fan_out_locked(self._structured, shared, skip)
+            over = []
+            if self._plain and self._plain_feed.append(plain, skip):
+                over += self._over_locked(self._plain)
+            if self._structured and self._structured_feed.append(shared, skip):
+                over += self._over_locked(self._structured)
             if over:
                 self._behind += [m for m, state in over if state != EVICTED]
         # Outside the lock: eviction takes each connection's protocol lock.
@@ -283,11 +294,10 @@ class Room:
         replay = text_frame(structured.history(ident, self.name, ts, sender, text)) if kept.size else b""
         return ident, text, kept.append(Entry(seq, ts, sender, plain, replay))
 
-    def _fan_out_locked(self, members: tuple, frame: bytes, skip: int | None) -> list:
+    def _over_locked(self, members: dict) -> list:
+        """The members past their bound, with their state (BEHIND or EVICTED): a feed's segment just filled."""
         assert self.lock.locked()
-        if skip is None:
-            return [(m, s) for m in members if (s := m.send(frame))]
-        return [(m, s) for m in members if m.id != skip and (s := m.send(frame))]
+        return [(m, s) for m in members if (s := m.check())]
 
     def wait_writers(self, reader) -> None:
         """Hold ``reader`` back until the clients our writers are behind on catch up.

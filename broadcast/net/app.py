@@ -7,8 +7,9 @@ reaches a client only through its send channel. Neither writes the other's
 fields: the application keeps its per-connection state in its own object
 (``Admit.session``), which the engine stores and hands back, unread.
 
-Both sides may import this module, and chat/ and bus/ import nothing else
-of net/.
+The ``Feed`` a room broadcasts through is here too: the room appends to it,
+the engine's outboxes read it. Both sides may import this module, and chat/
+and bus/ import nothing else of net/.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def request_target(path: str, headers) -> SplitResult:
 class Member(Protocol):
     """A joined connection, as a room sees it.
 
-    ``send`` is the outbox's own bound method, so that a fan-out costs one
-    call per member and frame, as it did before there was a port.
+    A room's broadcast reaches it through the ``Feed`` (below) it
+    ``follow``s: one append per message, however many follow; ``send`` is
+    for frames to it alone. The calls are the outbox's own bound methods.
     """
 
     id: int  # stable for the process's life, unlike id(): what the bus names a sender by
@@ -77,6 +79,12 @@ class Member(Protocol):
 
     def send(self, frame: bytes) -> int:
         """Queue one encoded data frame: QUEUED, BEHIND or EVICTED (then call ``evict``, outside locks)."""
+
+    def follow(self, feed, member: int) -> None:
+        """Be sent what ``feed`` gets from now on, but frames that skip ``member`` (None: stop); under the room lock."""
+
+    def check(self) -> int:
+        """Where it stands against its bound, as ``send`` answers, for frames it got through its feed."""
 
     def accept(self) -> None:
         """Queue the handshake response; a room calls it under its lock as it adds the member."""
@@ -133,3 +141,69 @@ class Application(Protocol):
 
     def closed(self, member: Member, why: str) -> None:
         """The member left (close frame, failure, hang-up), once; ``why`` is for the log."""
+
+
+# A feed is kept in segments of at most this many frames or bytes; the room
+# checks its followers' bounds each time one fills, so a client can be at
+# most one segment (plus one message) past --send-queue-bytes before it is
+# found, and a segment every follower has passed is freed as a whole.
+SEGMENT_FRAMES = 256
+SEGMENT_BYTES = 64 * 1024
+
+
+class Segment:
+    """A run of a feed's frames; ``next`` is set once it is full, after its last frame."""
+
+    __slots__ = ("frames", "ends", "bytes", "skips", "next")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        # The feed's byte count after each frame, appended before it: a follower
+        # learns what it took from one lookup, not by measuring every frame.
+        self.ends: list[int] = []
+        self.bytes = 0
+        self.skips: dict[int, int] | None = None  # frame index -> the one member id it is not for
+        self.next: Segment | None = None
+
+
+class Feed:
+    """One room's frames for one protocol, appended once and read by every follower at its own pace.
+
+    Appends happen under the owner's lock (the room's). Followers read
+    without it: a list slice and an attribute are whole under the GIL, and
+    a reader that sees ``next`` set sees every frame of the segment before
+    it. Only the tail is held here: a segment all followers have passed is
+    garbage. ``idle`` holds the followers with nothing left to send, which
+    the next append wakes; a follower adds itself before its last look, so
+    either it sees the new frame or the append sees it.
+    """
+
+    __slots__ = ("tail", "bytes", "idle")
+
+    def __init__(self) -> None:
+        self.tail = Segment()
+        self.bytes = 0  # all ever appended: a follower's backlog is this less what it took
+        self.idle: dict = {}  # outboxes (net.outbox.Outbox), as an ordered set; one that leaves takes itself out
+
+    def append(self, frame: bytes, skip: int | None = None) -> bool:
+        """Add ``frame`` for every follower but member ``skip``; True when a segment filled (check the bounds)."""
+        tail = self.tail
+        if skip is not None:
+            if tail.skips is None:
+                tail.skips = {}
+            tail.skips[len(tail.frames)] = skip
+        size = len(frame)
+        self.bytes += size
+        tail.ends.append(self.bytes)
+        tail.frames.append(frame)
+        tail.bytes += size
+        full = len(tail.frames) >= SEGMENT_FRAMES or tail.bytes >= SEGMENT_BYTES
+        if full:
+            segment = Segment()
+            tail.next = segment
+            self.tail = segment
+        if self.idle:
+            idle, self.idle = self.idle, {}
+            for outbox in list(idle):  # a copy: an outbox closing on another thread may take itself out
+                outbox.wake()
+        return full

@@ -114,6 +114,8 @@ class Connection:
         # The port's queries are the outbox's bound methods: a fan-out costs
         # one call per member, as when rooms reached into the outbox.
         self.send = outbox.put
+        self.follow = outbox.follow
+        self.check = outbox.check
         self.behind = outbox.over
         self.wait_sent = outbox.wait
         self.stalled = outbox.stalled

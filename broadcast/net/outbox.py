@@ -6,6 +6,12 @@ slow or dead client cannot delay anyone else. A small, fixed pool of
 ``Writer`` threads sends with non-blocking syscalls, joining whatever backlog
 a client has into one send, and parks clients whose socket is full in an
 epoll set instead of parking a thread on each of them.
+
+A room's broadcast does not touch its members' outboxes either: it appends
+the frame once to a ``Feed``, and each outbox that follows the feed takes
+whatever it has not sent yet when its writer flushes it. So a message costs
+the room one append however many follow it, and each client one slice and
+one join per send, however many messages it catches up on.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import socket
 import threading
 import time
 
-from .app import BEHIND, EVICTED, QUEUED
+from .app import BEHIND, EVICTED, QUEUED, Feed, Segment
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -43,15 +49,19 @@ CHUNK_OVERHEAD_BYTES = 64
 class Outbox:
     """Bytes owed to one client, in order, bounded in size.
 
-    Only its writer sends, so bytes can never interleave; ``scheduled`` is
-    true while the outbox sits in its writer's ready queue or epoll set,
-    which is what keeps it there at most once.
+    They are what it is sent alone (``put``, ``put_control``) and what the
+    room's feed it follows brings, which stays in the feed, shared, until
+    the writer takes it: a frame sent alone first takes in all the feed had
+    before it, so the two keep one order. Only its writer sends, so bytes
+    can never interleave; ``scheduled`` is true while the outbox sits in
+    its writer's ready queue or epoll set, which is what keeps it there at
+    most once.
     """
 
     __slots__ = (
-        "transport", "writer", "limit", "lock", "chunks", "queued", "head",
+        "transport", "writer", "limit", "lock", "chunks", "_queued", "head",
         "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
-        "drained", "caught_up", "frames",
+        "drained", "caught_up", "frames", "feed", "segment", "index", "fed", "member",
     )
 
     def __init__(self, transport: Transport, writer: Writer, limit: int) -> None:
@@ -60,7 +70,7 @@ class Outbox:
         self.limit = limit
         self.lock = threading.Lock()
         self.chunks: list[bytes] = []  # not yet handed to the transport
-        self.queued = 0  # bytes in chunks
+        self._queued = 0  # bytes in chunks
         self.head: bytes | memoryview = b""  # encoded, partly sent
         self.scheduled = False
         self.closing = False  # a close frame is queued or the client is evicted
@@ -72,9 +82,15 @@ class Outbox:
         self.drained: threading.Event | None = None  # set when idle; for drain()
         self.caught_up: threading.Event | None = None  # set when back under the bound; for wait()
         self.frames = 0  # data frames queued, for the metrics (under lock)
+        # The feed followed (under lock): where in it we are, and how many of its bytes we took.
+        self.feed: Feed | None = None
+        self.segment: Segment | None = None
+        self.index = 0
+        self.fed = 0
+        self.member: int | None = None  # whose frames these are, for the feed's skips
 
     def put(self, frame: bytes) -> int:
-        """Queue one data frame; QUEUED, or BEHIND or EVICTED past the bound.
+        """Queue one data frame for this client alone; QUEUED, or BEHIND or EVICTED past the bound.
 
         Admit-then-bound: a frame is refused only to a client already more
         than ``limit`` behind when it arrives, so any message the server
@@ -87,14 +103,16 @@ class Outbox:
         with self.lock:
             if self.closing:
                 return QUEUED
-            queued = self.queued + len(frame)
+            if self.feed is not None:
+                self._pull_locked()  # what the room sent before goes first
+            queued = self._queued + len(frame)
             state = QUEUED
-            if self.queued + len(self.head) > self.limit:
+            if self._owed() > self.limit:
                 if self._stalled_locked():
                     return EVICTED
                 state = BEHIND
             self.chunks.append(frame)
-            self.queued = queued
+            self._queued = queued
             self.frames += 1
             if self.scheduled:
                 return state
@@ -114,17 +132,21 @@ class Outbox:
         with self.lock:
             if self.dead:
                 return True
+            if self.feed is not None:
+                self._pull_locked()
             # One chunk per call: a read full of pings owes one object, not thousands.
             data = b"".join(writes)
             if not writes[-1]:
                 self.eof = True
             if data:
-                queued = self.queued + len(data) + CHUNK_OVERHEAD_BYTES
+                queued = self._queued + len(data) + CHUNK_OVERHEAD_BYTES
                 if not (closing or self.closing) and queued + len(self.head) > self.limit \
                         and self._stalled_locked():
                     return False
                 self.chunks.append(data)
-                self.queued = queued
+                self._queued = queued
+            if closing:
+                self._detach_locked()  # the close frame is the last thing sent
             self.closing = self.closing or closing
             if self.scheduled:
                 return True
@@ -140,14 +162,98 @@ class Outbox:
             return False
         self.closing = True
         self.chunks.clear()
-        self.queued = 0
+        self._queued = 0
+        self._detach_locked()
         self._catch_up_locked()
         return True
+
+    def follow(self, feed: Feed | None, member: int) -> None:
+        """Be sent all that ``feed`` gets from now on (None: no more), under the room's lock.
+
+        What the old feed had already is still sent, before anything queued later.
+        """
+        with self.lock:
+            if self.feed is not None:
+                self._pull_locked()
+            self._detach_locked()
+            if feed is None or self.closing:
+                return
+            self.feed = feed
+            self.segment = feed.tail
+            self.index = len(feed.tail.frames)
+            self.fed = feed.bytes
+            self.member = member
+            if not self.scheduled:
+                feed.idle[self] = None
+
+    def wake(self) -> None:
+        """The feed has more: have the writer send it, unless it is on its way already."""
+        with self.lock:
+            if self.scheduled or self.feed is None:
+                return
+            self.scheduled = True
+        self.writer.schedule(self)
+
+    def _pull_locked(self) -> None:
+        """Move what the feed has past our place into ``chunks``, minus frames not for us."""
+        assert self.lock.locked()
+        segment, index, member = self.segment, self.index, self.member
+        while True:
+            following = segment.next  # read first: once it is set, the slice below is final
+            frames = segment.frames[index:]
+            if frames:
+                start, index = index, index + len(frames)
+                end = segment.ends[index - 1]  # appended before the frame, so there
+                skips = segment.skips
+                if skips is not None and member in skips.values():
+                    frames = [f for i, f in enumerate(frames, start) if skips.get(i) != member]
+                    self._queued += sum(map(len, frames))
+                else:
+                    self._queued += end - self.fed
+                self.fed = end
+                self.chunks += frames
+                self.frames += len(frames)
+            if following is None:
+                break
+            segment, index = following, 0
+        self.segment, self.index = segment, index
+
+    def _more_locked(self) -> bool:
+        """The feed has frames past our place."""
+        assert self.lock.locked()
+        segment = self.segment
+        return segment.next is not None or len(segment.frames) > self.index
+
+    def _detach_locked(self) -> None:
+        """Follow the feed no more; it holds nothing of ours, and we no longer hold its old segments."""
+        assert self.lock.locked()
+        if self.feed is not None:
+            self.feed.idle.pop(self, None)
+            self.feed = self.segment = None
+
+    @property
+    def queued(self) -> int:
+        """Bytes not yet handed to the transport: its own queue and the feed past its place (for the metrics)."""
+        feed = self.feed
+        return self._queued if feed is None else self._queued + feed.bytes - self.fed
+
+    def _owed(self) -> int:
+        """Bytes this client is owed: ``queued`` and the unsent head."""
+        return self.queued + len(self.head)
+
+    def check(self) -> int:
+        """A follower's standing against its bound, for the room: QUEUED, BEHIND or EVICTED (as ``put``)."""
+        if self._owed() <= self.limit:  # without the lock, as a cheap first look
+            return QUEUED
+        with self.lock:
+            if self.closing or self._owed() <= self.limit:
+                return QUEUED
+            return EVICTED if self._stalled_locked() else BEHIND
 
     def wait(self, timeout: float) -> bool:
         """Wait until this client is back under its bound; False if still over it."""
         with self.lock:
-            if self.closing or self.queued + len(self.head) <= self.limit:
+            if self.closing or self._owed() <= self.limit:
                 return True
             if self.caught_up is None:
                 self.caught_up = threading.Event()
@@ -156,12 +262,12 @@ class Outbox:
 
     def over(self) -> bool:
         """Past the bound now; read without the lock, as a cheap first look."""
-        return self.queued + len(self.head) > self.limit
+        return self._owed() > self.limit
 
     def stalled(self) -> bool:
         """Over the bound with a stalled socket: evict (the caller does)."""
         with self.lock:
-            if self.closing or self.queued + len(self.head) <= self.limit:
+            if self.closing or self._owed() <= self.limit:
                 return False
             return self._stalled_locked()
 
@@ -187,7 +293,8 @@ class Outbox:
             self.dead = True
             self.closing = True
             self.chunks.clear()
-            self.queued = 0
+            self._queued = 0
+            self._detach_locked()
             self._catch_up_locked()
         self.writer.schedule(self)
 
@@ -197,11 +304,13 @@ class Outbox:
         with self.lock:
             if self.dead:
                 return GONE
+            if self.feed is not None:
+                self._pull_locked()
             if self.chunks:
                 chunks = self.chunks
                 data = transport.encode(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 chunks.clear()
-                self.queued = 0
+                self._queued = 0
                 self.head = bytes(self.head) + data if self.head else data
             if self.eof and not self.head:
                 self.eof = False
@@ -223,13 +332,14 @@ class Outbox:
             with self.lock:
                 self.closing = True
                 self.chunks.clear()
-                self.queued = 0
+                self._queued = 0
                 self.head = b""
+                self._detach_locked()
                 self._catch_up_locked()
                 return self._idle()  # nothing more can be sent: drain() must not wait
         self.writer.sent_bytes += sent  # only this writer's thread adds to it
         with self.lock:
-            if self.caught_up is not None and self.queued + len(head) - sent <= self.limit:
+            if self.caught_up is not None and self._owed() - sent <= self.limit:
                 self._catch_up_locked()
             if sent == len(head):
                 self.head = b""
@@ -244,6 +354,11 @@ class Outbox:
             return BLOCKED
 
     def _idle(self) -> int:
+        feed = self.feed
+        if feed is not None:
+            feed.idle[self] = None  # before the last look, so the next append cannot miss us
+            if self._more_locked():
+                return AGAIN
         self.scheduled = False
         if self.drained is not None:
             self.drained.set()

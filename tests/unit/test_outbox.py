@@ -14,8 +14,9 @@ import threading
 import pytest
 
 from broadcast.net import outbox as outbox_module
+from broadcast.net.app import SEGMENT_BYTES, SEGMENT_FRAMES, Feed
 from broadcast.net.outbox import (AGAIN, BEHIND, BLOCKED, CHUNK_OVERHEAD_BYTES, EVICTED, FLUSHED, GONE, QUEUED,
-                              STALLED_AFTER_S, Outbox)
+                              STALLED_AFTER_S, Outbox, Writer)
 from support.fakes import FakeTime
 
 WAIT_S = 5.0  # bound on any wait for another thread
@@ -246,6 +247,139 @@ def test_a_failed_send_aborts_the_transport_and_drops_what_is_owed():
     assert transport.aborted
     assert (outbox.closing, outbox.queued, outbox.head) == (True, 0, b"")
     outbox.drain(WAIT_S)  # returns at once: nothing more can be sent
+
+
+# following a room's feed
+
+
+def following(limit: int = 100) -> tuple[Outbox, FakeTransport, FakeWriter, Feed]:
+    """An outbox that follows a new feed as member 1."""
+    outbox, transport, writer = make(limit)
+    feed = Feed()
+    outbox.follow(feed, 1)
+    return outbox, transport, writer, feed
+
+
+def test_a_follower_gets_the_feed_in_order_after_what_it_was_sent_alone_and_across_segments():
+    outbox, transport, writer = make(limit=1 << 20)
+    feed = Feed()
+    feed.append(b"before")  # not for a follower that comes later
+    outbox.put(b"<alone>")
+    outbox.follow(feed, 7)
+    frames = [b"%d," % i for i in range(SEGMENT_FRAMES * 2 + 3)]
+    filled = [feed.append(f) for f in frames[:5]]
+    outbox.put(b"<told>")  # after the first five, before the rest
+    filled += [feed.append(f) for f in frames[5:]]
+    assert filled.count(True) == 2  # the room checks the bounds twice
+    assert writer.scheduled == [outbox]  # scheduled once, by its own put; the feed found it busy
+    assert outbox.over() is False and outbox._owed() == len(b"<alone><told>") + len(b"".join(frames))
+    while outbox.flush() == AGAIN:
+        pass
+    assert transport.sent == b"<alone>" + b"".join(frames[:5]) + b"<told>" + b"".join(frames[5:])
+    assert outbox._owed() == 0 and outbox.segment is feed.tail  # it holds no passed segment
+
+
+def test_a_frame_that_skips_one_member_reaches_every_other_follower():
+    feed = Feed()
+    (joiner, joiner_sent, _), (other, other_sent, _) = make(), make()
+    joiner.follow(feed, 1)
+    other.follow(feed, 2)
+    for frame, skip in ((b"a", None), (b"* joiner joined", 1), (b"b", None)):
+        feed.append(frame, skip)
+    for outbox in (joiner, other):
+        assert outbox.flush() == FLUSHED
+    assert (bytes(joiner_sent.sent), bytes(other_sent.sent)) == (b"ab", b"a* joiner joinedb")
+    assert joiner._owed() == other._owed() == 0
+
+
+def test_a_follower_that_caught_up_is_woken_by_the_next_append_once():
+    outbox, transport, writer, feed = following()
+    assert writer.scheduled == [] and list(feed.idle) == [outbox]
+    feed.append(b"one")
+    feed.append(b"two")
+    assert writer.scheduled == [outbox] and not feed.idle
+    assert outbox.flush() == FLUSHED
+    assert list(feed.idle) == [outbox]  # idle again: the next append wakes it
+    feed.append(b"three")
+    assert writer.scheduled == [outbox, outbox]
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"onetwothree"
+
+
+def test_what_the_feed_gets_while_a_flush_goes_idle_is_not_missed():
+    outbox, transport, _, feed = following()
+    feed.append(b"one")
+    transport.during_send = lambda: feed.append(b"two")  # appended while the writer sends, idle list empty
+    assert outbox.flush() == AGAIN
+    transport.during_send = None
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"onetwo"
+
+
+def test_real_writers_send_every_frame_of_a_busy_feed_in_order():
+    """No wake-up is lost between followers going idle and a publisher appending, on real writer threads."""
+    writers = [Writer(f"test-writer-{i}") for i in range(2)]
+    feed, lock = Feed(), threading.Lock()  # the lock stands for the room's
+    followers = [(Outbox(transport, writers[i % 2], 1 << 30), transport)
+                 for i, transport in enumerate(FakeTransport() for _ in range(4))]
+    with lock:
+        for i, (outbox, _) in enumerate(followers):
+            outbox.follow(feed, i)
+    frames = [b"%d," % n for n in range(3 * SEGMENT_FRAMES)]
+    pause = threading.Event()
+    for n, frame in enumerate(frames):
+        with lock:
+            feed.append(frame)
+        if n % 50 == 0:
+            pause.wait(0.001)  # let the followers catch up and go idle, again and again
+    expected = b"".join(frames)
+    assert until(lambda: all(len(t.sent) == len(expected) for _, t in followers))
+    assert all(bytes(t.sent) == expected for _, t in followers)
+
+
+def test_the_feed_counts_toward_the_bound_and_a_stalled_follower_is_dropped_from_it(clock):
+    outbox, transport, _, feed = following(SEGMENT_BYTES // 2)
+    big = b"x" * (SEGMENT_BYTES // 4)
+    assert feed.append(big) is False
+    assert outbox.check() == QUEUED
+    feed.append(big)
+    feed.append(big)  # over the bound now, socket never blocked: only behind
+    assert outbox.over() and outbox.check() == BEHIND
+    transport.takes = 0
+    assert outbox.flush() == BLOCKED
+    clock.now += STALLED_AFTER_S + 0.1
+    assert outbox.check() == EVICTED
+    assert (outbox.feed, outbox.chunks, outbox.queued) == (None, [], 0)
+    feed.append(b"more")
+    assert outbox._owed() == len(outbox.head)  # it owes the feed nothing more
+
+
+def test_wait_counts_what_the_feed_owes():
+    outbox, transport, _, feed = following(10)
+    feed.append(b"x" * 30)
+    assert outbox.wait(0) is False
+    assert outbox.flush() == FLUSHED
+    assert outbox.wait(0) is True
+
+
+def test_follow_none_keeps_what_came_before_and_nothing_after():
+    outbox, transport, _, feed = following()
+    feed.append(b"kept")
+    outbox.follow(None, 1)
+    assert not feed.idle  # a silent room keeps no outbox that left
+    feed.append(b"after")
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"kept"
+
+
+def test_the_close_frame_is_the_last_thing_a_follower_is_sent():
+    outbox, transport, _, feed = following()
+    feed.append(b"owed")
+    assert outbox.put_control([b"close"], closing=True)
+    feed.append(b"late")
+    while outbox.flush() == AGAIN:
+        pass
+    assert transport.sent == b"owedclose"
 
 
 # drain, wait and release

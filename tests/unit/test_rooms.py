@@ -10,27 +10,43 @@ from websockets.frames import Frame, Opcode
 from broadcast.ids import MessageId
 from broadcast.chat.presence import NameTaken
 from broadcast.chat.rooms import JOIN, Rooms, RoomSettings
-from broadcast.net.app import QUEUED, Refused
+from broadcast.net.app import Refused
+from broadcast.net.outbox import Outbox
 from support.fakes import FakeTime
 
 
 class Member:
-    """A joined connection as a room sees it: records what it is sent, in order."""
+    """A joined connection as a room sees it: a real outbox, whose writer never sends.
+
+    ``frames`` is what it is owed, in order: what it was sent alone and
+    what its feed brought, the very objects the room encoded.
+    """
 
     def __init__(self, id: int) -> None:
         self.id = id
-        self.frames: list[bytes] = []
+        self.outbox = Outbox(None, Unsent(), 1 << 30)
+        self.send = self.outbox.put
+        self.follow = self.outbox.follow
+        self.check = self.outbox.check
+        self.behind = self.outbox.over
         self.accepted_first = None
+
+    @property
+    def frames(self) -> list[bytes]:
+        with self.outbox.lock:
+            if self.outbox.feed is not None:
+                self.outbox._pull_locked()
+            return self.outbox.chunks
 
     def accept(self) -> None:
         self.accepted_first = not self.frames
 
-    def send(self, frame: bytes) -> int:
-        self.frames.append(frame)
-        return QUEUED
 
-    def behind(self) -> bool:
-        return False
+class Unsent:
+    """A writer that is never scheduled to run: the test reads the outbox's queue."""
+
+    def schedule(self, outbox) -> None:
+        pass
 
 
 def payload(frame: bytes) -> bytes:
@@ -130,6 +146,17 @@ def test_since_from_another_epoch_is_a_gap_then_the_joiners_history():
     gap, history, presence = decoded(back)
     assert (gap["kind"], gap["missed"], gap["reason"]) == ("gap", None, "history restarted")
     assert (history["kind"], history["text"], presence["kind"]) == ("history", "m0", "presence")
+
+
+def test_a_member_that_left_keeps_what_came_before_and_gets_nothing_after():
+    rooms = Rooms()
+    room, stays, _ = joined(rooms, "r", 1, False)
+    _, goes, session = joined(rooms, "r", 2, False)
+    room.deliver(Opcode.TEXT, b"both")
+    assert room.leave(goes, session) == 1
+    room.deliver(Opcode.TEXT, b"one")
+    assert [payload(f) for f in goes.frames] == [b"both"]
+    assert [payload(f) for f in stays.frames] == [b"both", b"one"]
 
 
 def test_past_max_rooms_a_new_room_is_refused_and_an_idle_room_goes():
