@@ -45,7 +45,7 @@ def _server_version() -> dict:
 
 
 def _redis_version() -> str | None:
-    """The redis-server measured by redis-latency, when it runs."""
+    """The redis-server measured by redis-latency and redis-fanout, when they run."""
     try:
         return subprocess.run([servers.REDIS_SERVER, "--version"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
@@ -69,6 +69,15 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
             f"{label} p50 {report.fmt(m[key + '_p50_ms'], '{:.2f}')} p99 {report.fmt(m[key + '_p99_ms'], '{:.2f}')} ms"
             for label, key in (("1 node no Redis", "single"), ("same node via Redis", "same_node"),
                                ("cross node", "cross_node"))))
+        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
+                     f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
+        parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
+                     f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
+        return ", ".join(parts)
+    if scenario == "redis-fanout":
+        parts.append(f"1 node {m['single_deliveries_per_s']:,.0f}, 2 nodes {m['deliveries_per_s']:,.0f} "
+                     f"({m['same_node_deliveries_per_s']:,.0f} + {m['cross_node_deliveries_per_s']:,.0f}) "
+                     f"deliveries/s ({m['nodes_vs_single']:.1%})")
         parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
                      f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
         parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "plan": dataclasses.asdict(plan), "servers": NAMES, "missing": missing,
             "background_cpu_pct": background,
             "server_code": version,
-            "redis_server": _redis_version() if "redis-latency" in selected else None,
+            "redis_server": _redis_version() if {"redis-latency", "redis-fanout"} & set(selected) else None,
         },
         "runs": results,
         "errors": errors,

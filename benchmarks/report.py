@@ -64,6 +64,18 @@ OURS_ONLY = {
         "cpu": [("single_server_cpu_pct", "1 node"), ("node_a_cpu_pct", "node A"), ("node_b_cpu_pct", "node B"),
                 ("redis_cpu_pct", "redis-server")],
     },
+    "redis-fanout": {
+        "title": "redis-fanout: our server only; fanout-100's load (1 publisher, 64 B, as fast as the window allows)\n"
+                 "with its 100 subscribers split 50/50 over 2 nodes sharing one redis-server, the publisher on\n"
+                 "node A; 1 node = fanout-100 on one node without Redis, run alongside. Ratios are to that run.",
+        "variants": [("single_", "1 node"), ("", "2 nodes"), ("same_node_", "node A"), ("cross_node_", "node B")],
+        "subheads": ["no Redis", "both", "via Redis", "cross-node"],
+        "rows": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), *CHECKS],
+        "ratios": ["deliveries_per_s"],
+        "ratio_of": [""],  # one node's share of the subscribers against all of them would say nothing
+        "cpu": [("single_server_cpu_pct", "1 node"), ("node_a_cpu_pct", "node A"), ("node_b_cpu_pct", "node B"),
+                ("redis_cpu_pct", "redis-server")],
+    },
 }
 # Metrics where a ratio ours/peer says something: True where higher is better.
 RATIOS = {"deliveries_per_s": True, "baseline_deliveries_per_s": True, "connect_per_s": True,
@@ -114,7 +126,7 @@ def summarize(results: dict) -> dict:
         if spec and "ours" in med:  # ratios of medians to our own single node, same run
             entry["ratio_to"] = "ours single node without Redis"
             base = spec["variants"][0][0]
-            for prefix, _ in spec["variants"][1:]:
+            for prefix in spec.get("ratio_of", [p for p, _ in spec["variants"][1:]]):
                 for k in spec["ratios"]:
                     a, b = med["ours"].get(prefix + k), med["ours"].get(base + k)
                     if a is not None and b:
@@ -162,6 +174,9 @@ def targets(summary: dict, plan) -> list[dict]:
               if k.endswith(("lost", "out_of_order")) and v is not None]
     check("no loss, no reordering, in any scenario (ours)", sum(faults) if faults else None,
           lambda v: v == 0, lambda v: f"{v:,.0f} lost or out of order")
+    scale = get("redis-fanout", "ours", "nodes_vs_single")
+    check("scale-out: fan-out 100 subs on 2 nodes >= 50 % of 1 node's", scale, lambda v: v >= 0.5,
+          lambda v: f"{v:.1%}")
     kept = get("history-fanout", "ours", "on_vs_off")
     check("history on: fan-out >= 90 % of history off", kept, lambda v: v >= 0.9, lambda v: f"{v:.1%}")
     kept = get("slow-consumer", "ours", "kept_deliveries")
@@ -222,7 +237,7 @@ def table(summary: dict, target_rows: list[dict], missing: dict | None = None) -
             lines += _ours_only(scenario, s)
     lines += ["", "CPU during the measured window, % of one core: loadgen = all load processes, max proc = the",
               "busiest of them, other = the rest of the machine (unattributed kernel time, other work);",
-              "redis-latency: server = both nodes + redis-server, in its 2-node run"]
+              "redis-latency, redis-fanout: server = both nodes + redis-server, in the 2-node run"]
     for kind in kinds:
         if kind in missing:
             continue

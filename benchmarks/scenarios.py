@@ -40,6 +40,8 @@ LATENCY_RATE_HZ = 200
 # node": its messages come back to it through Redis) and the second node
 # only gets them through Redis ("cross node").
 REDIS_NODES = ("same_node", "cross_node")
+# redis-fanout: fanout-100's load, its subscribers split over those 2 nodes.
+REDIS_FANOUT_SUBSCRIBERS = 100
 MANY_PUBLISHERS = 50
 MANY_RATE_HZ = 20  # per publisher: 1,000 msg/s in, 50,000 deliveries/s out
 SMALL_SIZE_BYTES = 64
@@ -271,22 +273,34 @@ def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
         return _drive(ctx, pool, server, jobs)
 
 
+def _alternate(name: str, ctx: Context, single, nodes) -> tuple[dict, dict]:
+    """Run ``single()`` and ``nodes()``, each on fresh processes, alternating which goes first per call."""
+    turn = ctx.turns.get(name, 0)
+    ctx.turns[name] = turn + 1
+    if turn % 2:
+        later = nodes()
+        return single(), later
+    return single(), nodes()  # left to right: single first
+
+
+def _check_redis_kind(name: str, kind: str, pool: LoadPool) -> None:
+    if kind != "ours":
+        raise ValueError(f"{name} runs our server only")
+    if pool.procs < len(REDIS_NODES):
+        raise RuntimeError(f"{name} needs at least {len(REDIS_NODES)} load processes")
+
+
 def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """The latency load over 2 nodes sharing one Redis, and on 1 node without Redis for comparison.
 
     Ours only: no peer has a Redis mode. Each call runs both
     variants on fresh processes, alternating which goes first.
     """
-    if kind != "ours":
-        raise ValueError("redis-latency runs our server only")
-    if pool.procs < len(REDIS_NODES):
-        raise RuntimeError(f"redis-latency needs at least {len(REDIS_NODES)} load processes")
-    turn = ctx.turns.get("redis-latency", 0)
-    ctx.turns["redis-latency"] = turn + 1
-    if turn % 2 == 0:
-        single, nodes = latency(kind, pool, ctx), _redis_nodes(pool, ctx)
-    else:
-        nodes, single = _redis_nodes(pool, ctx), latency(kind, pool, ctx)
+    _check_redis_kind("redis-latency", kind, pool)
+    plan = ctx.plan
+    single, nodes = _alternate("redis-latency", ctx, lambda: latency(kind, pool, ctx), lambda: _redis_nodes(
+        pool, ctx, LATENCY_SUBSCRIBERS, Publisher(0, rate=LATENCY_RATE_HZ), plan.measure_s,
+        size=SMALL_SIZE_BYTES))
     out = dict(nodes)
     for key in ("p50_ms", "p99_ms", "max_ms", "deliveries_per_s", "lost", "undelivered", "out_of_order",
                 "receivers", "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"):
@@ -298,8 +312,36 @@ def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     return out
 
 
-def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
-    """One latency run over a fresh redis-server and 2 fresh nodes; all stopped whatever happens."""
+def redis_fanout(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    """fanout-100 with its subscribers split over 2 nodes sharing one Redis, and on 1 node alone.
+
+    Ours only, like redis-latency, and run the same way. The publisher is on
+    node A, so each message makes the one Redis round trip every node
+    delivers from; the window spans both nodes' receivers. Scale-out's
+    yardstick is the 1-node run: ``deliveries_per_s`` is both nodes' total.
+    """
+    _check_redis_kind("redis-fanout", kind, pool)
+    plan = ctx.plan
+    window = max(FANOUT_WINDOW_MIN_MSGS, FANOUT_INFLIGHT_DELIVERIES // REDIS_FANOUT_SUBSCRIBERS)
+    single, nodes = _alternate("redis-fanout", ctx, lambda: fanout(REDIS_FANOUT_SUBSCRIBERS)(kind, pool, ctx),
+                               lambda: _redis_nodes(pool, ctx, REDIS_FANOUT_SUBSCRIBERS, Publisher(0),
+                                                    plan.fanout_measure_s, size=FANOUT_SIZE_BYTES,
+                                                    stream=True, window=window))
+    out = dict(nodes)
+    for key in ("deliveries_per_s", "lost", "undelivered", "out_of_order", "receivers", "server_cpu_pct",
+                "loadgen_cpu_pct", "other_cpu_pct"):
+        out["single_" + key] = single[key]
+    out["nodes_vs_single"] = nodes["deliveries_per_s"] / single["deliveries_per_s"]
+    return out
+
+
+def _redis_nodes(pool: LoadPool, ctx: Context, subscribers: int, publisher: Publisher, measure_s: float,
+                 **load) -> dict:
+    """One run of a load over a fresh redis-server and 2 fresh nodes; all stopped whatever happens.
+
+    ``subscribers`` are split evenly over the nodes, ``publisher`` is the
+    first load process's, on node A; ``load``: the Job fields of the load.
+    """
     plan = ctx.plan
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
@@ -313,16 +355,15 @@ def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
             nodes.append(node)
         for node in nodes:
             node.wait_subscribed()
-        # Processes split between the nodes; the publisher is the first process's, on node A.
         procs = _split(pool.procs, len(nodes))
-        subs = _split(LATENCY_SUBSCRIBERS, len(nodes))
+        subs = _split(subscribers, len(nodes))
         jobs, groups = [], {}
         for label, node, nprocs, nsubs in zip(REDIS_NODES, nodes, procs, subs, strict=True):
             groups[label] = list(range(len(jobs), len(jobs) + nprocs))
-            jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, size=SMALL_SIZE_BYTES,
-                         warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
+            jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, warmup_s=plan.warmup_s,
+                         measure_s=measure_s, drain_s=DRAIN_S, **load)
                      for n in _split(nsubs, nprocs)]
-        jobs[0].publishers.append(Publisher(0, rate=LATENCY_RATE_HZ))
+        jobs[0].publishers.append(publisher)
         cpu_parts = {"node_a": nodes[0], "node_b": nodes[1], "redis": redis}
         out = _drive(ctx, pool, nodes[0], jobs, cpu_parts=cpu_parts, groups=groups)
         # A node cut off from Redis delivers its own clients' messages locally:
@@ -540,6 +581,7 @@ SCENARIOS = {
     "fanout-1000": fanout(1000),
     "latency": latency,
     "redis-latency": redis_latency,
+    "redis-fanout": redis_fanout,
     "many-publishers": many_publishers,
     "capacity": capacity,
     "slow-consumer": slow_consumer,
@@ -548,4 +590,4 @@ SCENARIOS = {
 }
 # Which servers each scenario runs against (default: all, in turn, every repeat).
 KINDS = ("ours", "ref", "picows", "socketify", "gorilla")
-SCENARIO_KINDS = {"redis-latency": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
+SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
