@@ -28,7 +28,8 @@ SHOWN = {
     "many-publishers": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), ("p50_ms", "p50 ms", "{:.2f}"),
                         ("p99_ms", "p99 ms", "{:.2f}"), *CHECKS],
     "capacity": [("connected", "connected", "{:,.0f}"),
-                 ("connect_first_per_s", "connects/s, first half", "{:,.0f}"),
+                 ("connect_first_per_s", "connects/s, first ones", "{:,.0f}"),
+                 ("connect_last_per_s", "connects/s, last ones", "{:,.0f}"),
                  ("connect_per_s", "connects/s, all", "{:,.0f}"),
                  ("rss_per_conn_kib", "RSS KiB/conn", "{:.1f}"), ("server_threads", "server threads", "{:,.0f}"),
                  ("broadcast_reach_ms", "broadcast reach ms", "{:.1f}"), ("reached", "reached", "{:,.0f}")],
@@ -88,7 +89,7 @@ CPU = [("server_cpu_pct", "server"), ("loadgen_cpu_pct", "loadgen"), ("loadgen_m
 
 
 def _family(scenario: str) -> str:
-    return "fanout" if scenario.startswith("fanout") else scenario
+    return scenario.split("-")[0] if scenario.startswith(("fanout", "capacity")) else scenario
 
 
 def median(values: list, never_last: bool = False):
@@ -170,6 +171,12 @@ def targets(summary: dict, plan) -> list[dict]:
     rss = get("capacity", "ours", "rss_per_conn_kib")
     check(f"RSS per idle connection at {plan.capacity_conns:,} <= 20 KiB", rss, lambda v: v <= 20,
           lambda v: f"{v:.1f} KiB")
+    held = get("capacity-19k", "ours", "connected")
+    check(f"capacity-19k: all {plan.held_conns:,} held and reached", held and min(
+        held, get("capacity-19k", "ours", "reached") or 0), lambda v: v >= plan.held_conns, lambda v: f"{v:,.0f}")
+    kept = get("capacity-19k", "ours", "last_vs_first")
+    check(f"connects/s at {plan.held_conns:,} >= 70 % of the first {plan.rate_conns:,}'s", kept,
+          lambda v: v >= 0.7, lambda v: f"{v:.1%}")
     faults = [v for s in summary.values() for k, v in s["median"].get("ours", {}).items()
               if k.endswith(("lost", "out_of_order")) and v is not None]
     check("no loss, no reordering, in any scenario (ours)", sum(faults) if faults else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import wire
-from .loadgen import Job, LoadPool, Publisher
+from .loadgen import Job, LoadPool, Publisher, source_addresses
 from .servers import HOST, ServerProcess, machine_idle_seconds
 
 # Fan-out publisher window W, in messages: it sends seq n only once every
@@ -68,6 +69,17 @@ CAPACITY_CONNECT_TIMEOUT_S = 120.0
 # load processes: the connection-rate load of issue 13 ("5,000 clients
 # dialling 64 at a time"), a crowd arriving, not a flood filling the backlog.
 CAPACITY_DIAL_CONCURRENCY = 64
+# capacity-19k: issue 13's 19,000 connections held (its full run; --quick
+# holds Plan.held_conns), with our server's --max-connections raised to
+# them and --max-handshakes lowered to this, 8x the dials in flight, so
+# both fit a 20,000 open-files limit.
+HELD_CONNS = 19_000
+HELD_HANDSHAKES = 512
+HELD_ARGS = ("--max-connections", str(HELD_CONNS), "--max-handshakes", str(HELD_HANDSHAKES))
+# Our server admits at most its open-files limit less this (FD_RESERVE in
+# broadcast/net/listener.py) less --max-handshakes: at the default 4,096
+# that would be 15,840 of a 20,000 limit.
+SERVER_FD_RESERVE = 64
 # Messages still in flight when the window closes get this long to arrive;
 # what has not arrived by then is reported as undelivered, not lost.
 DRAIN_S = 5.0
@@ -90,8 +102,9 @@ class Plan:
     slow_measure_s: float
     capacity_conns: int  # RSS and threads are taken with this many connected
     capacity_repeats: int
-    rate_conns: int = 5_000  # connects/s over the first this many of them
+    rate_conns: int = 5_000  # connects/s over the first this many of them, and over the last
     fanout_measure_s: float = 10.0
+    held_conns: int = HELD_CONNS  # capacity-19k, in 1 repeat: it is ours only
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -103,7 +116,8 @@ class Plan:
         """
         if quick:
             return cls(warmup_s=0.3, measure_s=1.0, slow_measure_s=1.0,
-                       capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0)
+                       capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0,
+                       held_conns=3_000)
         return cls(warmup_s=1.0, measure_s=5.0, slow_measure_s=7.0,
                    capacity_conns=10_000, capacity_repeats=2, rate_conns=5_000, fanout_measure_s=5.0)
 
@@ -389,44 +403,62 @@ def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
         return _drive(ctx, pool, server, jobs)
 
 
-def capacity(kind: str, pool: LoadPool, ctx: Context) -> dict:
-    """N connections dialled 64 at a time, then one of them publishes once (and receives its echo like the rest).
+def capacity(held: str, ours_args: tuple[str, ...] = ()):
+    """N = ``plan.<held>`` connections dialled 64 at a time, then one of them publishes once.
 
-    The connect rate over the first ``plan.rate_conns`` and over all N shows
-    whether accepting slows as connections pile up.
+    The connect rate over the first and over the last ``plan.rate_conns``,
+    and over all N, shows whether accepting slows as connections pile up.
+    Each load process dials from its own loopback addresses, so the
+    machine's ephemeral ports are not what slows it. ``ours_args``: flags
+    for our server (capacity-19k raises its limits).
     """
-    plan = ctx.plan
-    n = plan.capacity_conns
-    with started(kind, ctx.log) as server:
-        time.sleep(SETTLE_S)
-        rss_before = server.rss_bytes()
-        jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
-                     size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
-                     drain_s=CAPACITY_REACH_TIMEOUT_S, connect_timeout_s=CAPACITY_CONNECT_TIMEOUT_S,
-                     connect_concurrency=max(1, CAPACITY_DIAL_CONCURRENCY // pool.procs))
-        for job, first in zip(jobs, _split(plan.rate_conns, pool.procs), strict=True):
-            job.rate_conns = first
-        seen = {}
-
-        def settled(ready) -> None:
-            marks = [r["t_rate_ns"] for r in ready]
-            if None not in marks:  # every process got its share of the first rate_conns up
-                seen["rate"] = plan.rate_conns / ((max(marks) - min(r["t_first_ns"] for r in ready)) / 1e9)
+    def run(kind: str, pool: LoadPool, ctx: Context) -> dict:
+        plan = ctx.plan
+        n = getattr(plan, held)
+        if "--max-handshakes" in ours_args:
+            need = n + int(ours_args[ours_args.index("--max-handshakes") + 1]) + SERVER_FD_RESERVE
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if limit < need:
+                raise RuntimeError(f"{n:,} connections need an open-files limit of {need:,}; "
+                                   f"ulimit -Hn is {limit:,}")
+        with started(kind, ctx.log, ours_args if kind == "ours" else ()) as server:
             time.sleep(SETTLE_S)
-            seen["rss"] = server.rss_bytes()
-            seen["threads"] = server.threads()
+            rss_before = server.rss_bytes()
+            jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
+                         size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
+                         drain_s=CAPACITY_REACH_TIMEOUT_S, connect_timeout_s=CAPACITY_CONNECT_TIMEOUT_S,
+                         connect_concurrency=max(1, CAPACITY_DIAL_CONCURRENCY // pool.procs))
+            for i, (job, share) in enumerate(zip(jobs, _split(plan.rate_conns, pool.procs), strict=True)):
+                job.rate_conns = share
+                job.tail_conns = job.subscribers + len(job.publishers) - share
+                job.sources = source_addresses(i)
+            seen = {}
 
-        out = _drive(ctx, pool, server, jobs, connected=settled, partial_ok=True)
-    connected = max(out["connected"], 1)
-    out.update({
-        "rss_before_mib": rss_before / 2**20,
-        "rss_after_mib": seen["rss"] / 2**20,
-        "rss_per_conn_kib": (seen["rss"] - rss_before) / connected / 1024,
-        "connect_first_per_s": seen.get("rate"),
-        "server_threads": seen["threads"],
-        "broadcast_reach_ms": out["max_ms"] if out["reached"] == out["receivers"] else None,
-    })
-    return out
+            def settled(ready) -> None:
+                firsts, tails = [r["t_rate_ns"] for r in ready], [r["t_tail_ns"] for r in ready]
+                if None not in firsts:  # every process got its share of the first rate_conns up
+                    seen["rate"] = plan.rate_conns / ((max(firsts) - min(r["t_first_ns"] for r in ready)) / 1e9)
+                if None not in tails:  # ... and of the last ones
+                    seen["last"] = plan.rate_conns / ((max(r["t_last_ns"] for r in ready) - max(tails)) / 1e9)
+                time.sleep(SETTLE_S)
+                seen["rss"] = server.rss_bytes()
+                seen["threads"] = server.threads()
+
+            out = _drive(ctx, pool, server, jobs, connected=settled, partial_ok=True)
+        connected = max(out["connected"], 1)
+        first, last = seen.get("rate"), seen.get("last")
+        out.update({
+            "rss_before_mib": rss_before / 2**20,
+            "rss_after_mib": seen["rss"] / 2**20,
+            "rss_per_conn_kib": (seen["rss"] - rss_before) / connected / 1024,
+            "connect_first_per_s": first,
+            "connect_last_per_s": last,
+            "last_vs_first": last / first if first and last else None,
+            "server_threads": seen["threads"],
+            "broadcast_reach_ms": out["max_ms"] if out["reached"] == out["receivers"] else None,
+        })
+        return out
+    return run
 
 
 def _slow_run(kind: str, pool: LoadPool, ctx: Context, slow: int) -> dict:
@@ -583,11 +615,12 @@ SCENARIOS = {
     "redis-latency": redis_latency,
     "redis-fanout": redis_fanout,
     "many-publishers": many_publishers,
-    "capacity": capacity,
+    "capacity": capacity("capacity_conns"),
+    "capacity-19k": capacity("held_conns", HELD_ARGS),
     "slow-consumer": slow_consumer,
     "history-fanout": history_fanout,
     "history-join": history_join,
 }
 # Which servers each scenario runs against (default: all, in turn, every repeat).
 KINDS = ("ours", "ref", "picows", "socketify", "gorilla")
-SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
+SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "capacity-19k": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
