@@ -190,13 +190,13 @@ class RedisBus:
                 if self._publish_seconds is not None and not isinstance(answer, Unavailable):
                     self._publish_seconds.observe(now - queued.started)
                 if isinstance(answer, Unavailable):
-                    self._echoed(queued.mid)  # no echo is coming: settle need not wait for it
                     queued.error = answer
                     if queued.refused is not None:
                         try:
                             queued.refused()
                         except Exception:  # the caller's callback failed: the others are still answered
                             log.exception("refusing a message of room %s failed", queued.room)
+                    self._echoed(queued.mid)  # no echo is coming; the refusal is queued before settle returns
                 if queued.answered is not None:
                     queued.answered.set()
 
