@@ -22,7 +22,7 @@ import websockets
 
 from . import profile, report, servers
 from .loadgen import LoadPool
-from .scenarios import KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
+from .scenarios import FULL_ONLY, KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
 from .servers import NAMES, ROOT, machine_idle_seconds
 
 RESULTS = ROOT / "benchmarks" / "results"  # git-ignored
@@ -114,7 +114,7 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
 def run(args: argparse.Namespace) -> int:
     plan = Plan.make(args.quick)
     repeats = args.repeats or (1 if args.quick else 2)
-    selected = args.scenario or list(SCENARIOS)
+    selected = args.scenario or [name for name in SCENARIOS if not (args.quick and name in FULL_ONLY)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     wanted = args.server or list(KINDS)
     missing = {kind: why for kind in wanted if (why := servers.prepare(kind))}

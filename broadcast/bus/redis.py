@@ -98,11 +98,12 @@ class RedisBus:
         self._freed: list[tuple[str, str, str]] = []  # (room, name, token) to release
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="redis-presence", daemon=True)
-        # _sending guards _queued and _queued_bytes; it wakes the publisher
-        # thread, and the senders waiting for room in the queue.
+        # _sending guards _queued, _queued_bytes and _busy; it wakes the
+        # publisher thread, and the senders waiting for room in the queue.
         self._sending = threading.Condition()
         self._queued: list[_Queued] = []
         self._queued_bytes = 0
+        self._busy = False  # a batch is on its way to Redis: the next one waits, so it cannot pass
         self._publisher = threading.Thread(target=self._publish_loop, name="redis-publisher", daemon=True)
 
     @property
@@ -159,46 +160,63 @@ class RedisBus:
             if self._stop.is_set() or not room_left:
                 self._echoed(mid)
                 raise Unavailable(f"redis {self.url}: " + ("closing" if room_left else "queue to Redis full"))
-            self._queued.append(queued)
-            self._queued_bytes += queued.size
-            self._sending.notify_all()
-        if queued.answered is not None:
-            if not queued.answered.wait(ANSWER_WAIT_S):
-                self._echoed(mid)
-                raise Unavailable(f"redis {self.url}: no answer within {ANSWER_WAIT_S:.0f} s")
-            if queued.error is not None:
-                raise Unavailable(str(queued.error))
+            # A sender that waits, finding nothing queued or on its way, sends on its own thread:
+            # the hop to the publisher thread would only add to its wait.
+            direct = queued.answered is not None and not self._queued and not self._busy
+            if direct:
+                self._busy = True
+            else:
+                self._queued.append(queued)
+                self._queued_bytes += queued.size
+                self._sending.notify_all()
+        if direct:
+            self._send([queued])
+        elif queued.answered is not None and not queued.answered.wait(ANSWER_WAIT_S):
+            self._echoed(mid)
+            raise Unavailable(f"redis {self.url}: no answer within {ANSWER_WAIT_S:.0f} s")
+        if queued.error is not None:
+            raise Unavailable(str(queued.error))
         return mid
 
     def _publish_loop(self) -> None:
         """Append what is queued, in order, a pipeline at a time; answer each sender; until closed and empty."""
         while True:
             with self._sending:
-                self._sending.wait_for(lambda: self._queued or self._stop.is_set())
+                self._sending.wait_for(lambda: (self._queued and not self._busy)
+                                       or (self._stop.is_set() and not self._queued))
                 if not self._queued:
                     return
                 batch = self._queued[:PIPELINE_MAX_MSGS]
                 del self._queued[:PIPELINE_MAX_MSGS]
                 self._queued_bytes -= sum(q.size for q in batch)
+                self._busy = True
                 self._sending.notify_all()  # room in the queue for the senders waiting
-            try:
-                answers = self.streams.publish_many([(q.room, q.fields, q.message) for q in batch])
-            except Unavailable as exc:
-                answers = [exc] * len(batch)
-            now = time.monotonic()
-            for queued, answer in zip(batch, answers, strict=True):
-                if self._publish_seconds is not None and not isinstance(answer, Unavailable):
-                    self._publish_seconds.observe(now - queued.started)
-                if isinstance(answer, Unavailable):
-                    queued.error = answer
-                    if queued.refused is not None:
-                        try:
-                            queued.refused()
-                        except Exception:  # the caller's callback failed: the others are still answered
-                            log.exception("refusing a message of room %s failed", queued.room)
-                    self._echoed(queued.mid)  # no echo is coming; the refusal is queued before settle returns
-                if queued.answered is not None:
-                    queued.answered.set()
+            self._send(batch)
+
+    def _send(self, batch: list[_Queued]) -> None:
+        """Append ``batch`` in one round trip (holding ``_busy``, so nothing passes it), then answer each sender."""
+        try:
+            answers = self.streams.publish_many([(q.room, q.fields, q.message) for q in batch])
+        except Unavailable as exc:
+            answers = [exc] * len(batch)
+        finally:
+            with self._sending:
+                self._busy = False
+                self._sending.notify_all()
+        now = time.monotonic()
+        for queued, answer in zip(batch, answers, strict=True):
+            if self._publish_seconds is not None and not isinstance(answer, Unavailable):
+                self._publish_seconds.observe(now - queued.started)
+            if isinstance(answer, Unavailable):
+                queued.error = answer
+                if queued.refused is not None:
+                    try:
+                        queued.refused()
+                    except Exception:  # the caller's callback failed: the others are still answered
+                        log.exception("refusing a message of room %s failed", queued.room)
+                self._echoed(queued.mid)  # no echo is coming; the refusal is queued before settle returns
+            if queued.answered is not None:
+                queued.answered.set()
 
     def settle(self, mid: int) -> None:
         """Return once own message ``mid`` is delivered here, or after ECHO_WAIT_S."""
