@@ -22,7 +22,7 @@ import websockets
 
 from . import profile, report, servers
 from .loadgen import LoadPool
-from .scenarios import KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
+from .scenarios import FULL_ONLY, KINDS, SCENARIO_KINDS, SCENARIOS, Context, Plan
 from .servers import NAMES, ROOT, machine_idle_seconds
 
 RESULTS = ROOT / "benchmarks" / "results"  # git-ignored
@@ -45,7 +45,7 @@ def _server_version() -> dict:
 
 
 def _redis_version() -> str | None:
-    """The redis-server measured by redis-latency, when it runs."""
+    """The redis-server measured by redis-latency and redis-fanout, when they run."""
     try:
         return subprocess.run([servers.REDIS_SERVER, "--version"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
@@ -74,6 +74,15 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
         parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
                      f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
         return ", ".join(parts)
+    if scenario == "redis-fanout":
+        parts.append(f"1 node {m['single_deliveries_per_s']:,.0f}, 2 nodes {m['deliveries_per_s']:,.0f} "
+                     f"({m['same_node_deliveries_per_s']:,.0f} + {m['cross_node_deliveries_per_s']:,.0f}) "
+                     f"deliveries/s ({m['nodes_vs_single']:.1%})")
+        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
+                     f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
+        parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
+                     f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
+        return ", ".join(parts)
     if scenario == "history-fanout":
         parts.append(f"history off {m['off_deliveries_per_s']:,.0f}, on {m['on_deliveries_per_s']:,.0f} "
                      f"deliveries/s ({m['on_vs_off']:.1%}), lost {m['off_lost']}+{m['on_lost']} "
@@ -85,9 +94,11 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
                      f"over {m['joins']} joins (max {m['join_history_max_ms']:.2f}), "
                      f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']}")
         return ", ".join(parts)
-    if scenario == "capacity":
+    if scenario.startswith("capacity"):
         parts.append(f"{m['connected']:,} connected at {m['connect_per_s'] or 0:,.0f}/s "
-                     f"(first ones {report.fmt(m['connect_first_per_s'], '{:,.0f}')}/s), "
+                     f"(first ones {report.fmt(m['connect_first_per_s'], '{:,.0f}')}/s, "
+                     f"last ones {report.fmt(m['connect_last_per_s'], '{:,.0f}')}/s), "
+                     f"reached {m['reached']:,} of {m['receivers']:,}, "
                      f"{m['rss_per_conn_kib']:.1f} KiB/conn, reach {report.fmt(m['broadcast_reach_ms'], '{:.0f}')} ms")
     else:
         parts.append(f"{m['deliveries_per_s']:,.0f} deliveries/s")
@@ -103,7 +114,7 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
 def run(args: argparse.Namespace) -> int:
     plan = Plan.make(args.quick)
     repeats = args.repeats or (1 if args.quick else 2)
-    selected = args.scenario or list(SCENARIOS)
+    selected = args.scenario or [name for name in SCENARIOS if not (args.quick and name in FULL_ONLY)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     wanted = args.server or list(KINDS)
     missing = {kind: why for kind in wanted if (why := servers.prepare(kind))}
@@ -123,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         ctx = Context(plan, log)
         try:
             for name in selected:
-                reps = min(repeats, plan.capacity_repeats) if name == "capacity" else repeats
+                reps = {"capacity": min(repeats, plan.capacity_repeats), "capacity-19k": 1}.get(name, repeats)
                 for rep in range(reps):
                     for kind in results[name]:
                         try:
@@ -149,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             "plan": dataclasses.asdict(plan), "servers": NAMES, "missing": missing,
             "background_cpu_pct": background,
             "server_code": version,
-            "redis_server": _redis_version() if "redis-latency" in selected else None,
+            "redis_server": _redis_version() if {"redis-latency", "redis-fanout"} & set(selected) else None,
         },
         "runs": results,
         "errors": errors,

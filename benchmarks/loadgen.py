@@ -20,6 +20,7 @@ Every loop is bounded by a deadline, every publisher by a message count.
 from __future__ import annotations
 
 import errno
+import itertools
 import multiprocessing
 import resource
 import select
@@ -65,6 +66,20 @@ DRAIN_MIN_S = 0.1
 MAX_PUBLISHERS = 64
 # How long the coordinator waits for workers to answer outside the run itself.
 REPLY_TIMEOUT_S = 120.0
+# A load process given sources dials from this many loopback addresses
+# (all of 127/8 is loopback on Linux), in turn. Each local address has its
+# own ephemeral ports (28,232 here): from one, past ~15,000 connections
+# plus the TIME_WAIT sockets of earlier runs, connect() took 7-13 ms to find
+# a free port, and the connect rate measured the port search, not the server.
+SOURCES_PER_PROC = 8
+# Bound with the address only: the kernel picks the port at connect(), per
+# (source, destination) pair, instead of reserving one at bind() (Linux 4.2+).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def source_addresses(index: int) -> tuple[str, ...]:
+    """Load process ``index``'s own loopback addresses: 127.0.<index + 1>.1, .2, ..."""
+    return tuple(f"127.0.{index + 1}.{k}" for k in range(1, SOURCES_PER_PROC + 1))
 
 
 @dataclass
@@ -97,6 +112,8 @@ class Job:
     connect_timeout_s: float = 30.0
     connect_concurrency: int = 0  # handshakes in flight at once; 0: CONNECT_CONCURRENCY
     rate_conns: int = 0  # when this many are up, t_rate_ns is taken: the connect rate of the first ones
+    tail_conns: int = 0  # when this many are up, t_tail_ns is taken: the rate of the ones after starts there
+    sources: tuple[str, ...] = ()  # local addresses to dial from, in turn; (): the kernel's choice
 
 
 class Client:
@@ -185,8 +202,9 @@ def _open_clients(job: Job):
     clients: list[Client] = []
     failed = 0
     concurrency = job.connect_concurrency or CONNECT_CONCURRENCY
+    sources = itertools.cycle(job.sources) if job.sources else None
     t_first = time.monotonic_ns()
-    t_last = t_rate = t_first
+    t_last = t_rate = t_tail = t_first
     with select.epoll() as ep:
         while (roles or pending) and time.monotonic() < deadline:
             while roles and len(pending) < concurrency:
@@ -196,7 +214,14 @@ def _open_clients(job: Job):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if slow:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF_BYTES)
-                if sock.connect_ex((job.host, job.port)) not in (0, errno.EINPROGRESS):
+                try:
+                    if sources is not None:
+                        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                        sock.bind((next(sources), 0))
+                    dialled = sock.connect_ex((job.host, job.port)) in (0, errno.EINPROGRESS)
+                except OSError:  # a source address this machine does not have
+                    dialled = False
+                if not dialled:
                     failed += 1
                     sock.close()
                     continue
@@ -218,13 +243,15 @@ def _open_clients(job: Job):
                     clients.append(client)
                     if len(clients) == job.rate_conns:
                         t_rate = t_last
+                    if len(clients) == job.tail_conns:
+                        t_tail = t_last
                 else:
                     failed += 1
                     client.sock.close()
         for client in pending.values():
             failed += 1
             client.sock.close()
-    return clients, failed, t_first, t_last, t_rate
+    return clients, failed, t_first, t_last, t_rate, t_tail
 
 
 def _drive(job: Job, clients: list[Client], shared, index: int, nworkers: int, t0_ns: int):
@@ -415,10 +442,11 @@ def _drive(job: Job, clients: list[Client], shared, index: int, nworkers: int, t
 def _run_job(job: Job, pipe, shared, index: int, nworkers: int) -> None:
     clients: list[Client] = []
     try:
-        clients, failed, t_first, t_last, t_rate = _open_clients(job)
+        clients, failed, t_first, t_last, t_rate, t_tail = _open_clients(job)
         pipe.send(("ready", {
             "connected": len(clients), "failed": failed, "t_first_ns": t_first, "t_last_ns": t_last,
             "t_rate_ns": t_rate if job.rate_conns and len(clients) >= job.rate_conns else None,
+            "t_tail_ns": t_tail if job.tail_conns and len(clients) >= job.tail_conns else None,
             "slow_ports": [c.sock.getsockname()[1] for c in clients if c.slow],
         }))
         command = pipe.recv()

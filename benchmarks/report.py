@@ -28,7 +28,8 @@ SHOWN = {
     "many-publishers": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), ("p50_ms", "p50 ms", "{:.2f}"),
                         ("p99_ms", "p99 ms", "{:.2f}"), *CHECKS],
     "capacity": [("connected", "connected", "{:,.0f}"),
-                 ("connect_first_per_s", "connects/s, first half", "{:,.0f}"),
+                 ("connect_first_per_s", "connects/s, first ones", "{:,.0f}"),
+                 ("connect_last_per_s", "connects/s, last ones", "{:,.0f}"),
                  ("connect_per_s", "connects/s, all", "{:,.0f}"),
                  ("rss_per_conn_kib", "RSS KiB/conn", "{:.1f}"), ("server_threads", "server threads", "{:,.0f}"),
                  ("broadcast_reach_ms", "broadcast reach ms", "{:.1f}"), ("reached", "reached", "{:,.0f}")],
@@ -64,6 +65,18 @@ OURS_ONLY = {
         "cpu": [("single_server_cpu_pct", "1 node"), ("node_a_cpu_pct", "node A"), ("node_b_cpu_pct", "node B"),
                 ("redis_cpu_pct", "redis-server")],
     },
+    "redis-fanout": {
+        "title": "redis-fanout: our server only; fanout-100's load (1 publisher, 64 B, as fast as the window allows)\n"
+                 "with its 100 subscribers split 50/50 over 2 nodes sharing one redis-server, the publisher on\n"
+                 "node A; 1 node = fanout-100 on one node without Redis, run alongside. Ratios are to that run.",
+        "variants": [("single_", "1 node"), ("", "2 nodes"), ("same_node_", "node A"), ("cross_node_", "node B")],
+        "subheads": ["no Redis", "both", "via Redis", "cross-node"],
+        "rows": [("deliveries_per_s", "deliveries/s", "{:,.0f}"), *CHECKS],
+        "ratios": ["deliveries_per_s"],
+        "ratio_of": [""],  # one node's share of the subscribers against all of them would say nothing
+        "cpu": [("single_server_cpu_pct", "1 node"), ("node_a_cpu_pct", "node A"), ("node_b_cpu_pct", "node B"),
+                ("redis_cpu_pct", "redis-server")],
+    },
 }
 # Metrics where a ratio ours/peer says something: True where higher is better.
 RATIOS = {"deliveries_per_s": True, "baseline_deliveries_per_s": True, "connect_per_s": True,
@@ -76,7 +89,7 @@ CPU = [("server_cpu_pct", "server"), ("loadgen_cpu_pct", "loadgen"), ("loadgen_m
 
 
 def _family(scenario: str) -> str:
-    return "fanout" if scenario.startswith("fanout") else scenario
+    return scenario.split("-")[0] if scenario.startswith(("fanout", "capacity")) else scenario
 
 
 def median(values: list, never_last: bool = False):
@@ -114,7 +127,7 @@ def summarize(results: dict) -> dict:
         if spec and "ours" in med:  # ratios of medians to our own single node, same run
             entry["ratio_to"] = "ours single node without Redis"
             base = spec["variants"][0][0]
-            for prefix, _ in spec["variants"][1:]:
+            for prefix in spec.get("ratio_of", [p for p, _ in spec["variants"][1:]]):
                 for k in spec["ratios"]:
                     a, b = med["ours"].get(prefix + k), med["ours"].get(base + k)
                     if a is not None and b:
@@ -158,10 +171,19 @@ def targets(summary: dict, plan) -> list[dict]:
     rss = get("capacity", "ours", "rss_per_conn_kib")
     check(f"RSS per idle connection at {plan.capacity_conns:,} <= 20 KiB", rss, lambda v: v <= 20,
           lambda v: f"{v:.1f} KiB")
+    held = get("capacity-19k", "ours", "connected")
+    check(f"capacity-19k: all {plan.held_conns:,} held and reached", held and min(
+        held, get("capacity-19k", "ours", "reached") or 0), lambda v: v >= plan.held_conns, lambda v: f"{v:,.0f}")
+    kept = get("capacity-19k", "ours", "last_vs_first")
+    check(f"connects/s at {plan.held_conns:,} >= 70 % of the first {plan.rate_conns:,}'s", kept,
+          lambda v: v >= 0.7, lambda v: f"{v:.1%}")
     faults = [v for s in summary.values() for k, v in s["median"].get("ours", {}).items()
               if k.endswith(("lost", "out_of_order")) and v is not None]
     check("no loss, no reordering, in any scenario (ours)", sum(faults) if faults else None,
           lambda v: v == 0, lambda v: f"{v:,.0f} lost or out of order")
+    scale = get("redis-fanout", "ours", "nodes_vs_single")
+    check("scale-out: fan-out 100 subs on 2 nodes >= 50 % of 1 node's", scale, lambda v: v >= 0.5,
+          lambda v: f"{v:.1%}")
     kept = get("history-fanout", "ours", "on_vs_off")
     check("history on: fan-out >= 90 % of history off", kept, lambda v: v >= 0.9, lambda v: f"{v:.1%}")
     kept = get("slow-consumer", "ours", "kept_deliveries")
@@ -222,7 +244,7 @@ def table(summary: dict, target_rows: list[dict], missing: dict | None = None) -
             lines += _ours_only(scenario, s)
     lines += ["", "CPU during the measured window, % of one core: loadgen = all load processes, max proc = the",
               "busiest of them, other = the rest of the machine (unattributed kernel time, other work);",
-              "redis-latency: server = both nodes + redis-server, in its 2-node run"]
+              "redis-latency, redis-fanout: server = both nodes + redis-server, in the 2-node run"]
     for kind in kinds:
         if kind in missing:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import wire
-from .loadgen import Job, LoadPool, Publisher
+from .loadgen import Job, LoadPool, Publisher, source_addresses
 from .servers import HOST, ServerProcess, machine_idle_seconds
 
 # Fan-out publisher window W, in messages: it sends seq n only once every
@@ -40,6 +41,8 @@ LATENCY_RATE_HZ = 200
 # node": its messages come back to it through Redis) and the second node
 # only gets them through Redis ("cross node").
 REDIS_NODES = ("same_node", "cross_node")
+# redis-fanout: fanout-100's load, its subscribers split over those 2 nodes.
+REDIS_FANOUT_SUBSCRIBERS = 100
 MANY_PUBLISHERS = 50
 MANY_RATE_HZ = 20  # per publisher: 1,000 msg/s in, 50,000 deliveries/s out
 SMALL_SIZE_BYTES = 64
@@ -66,6 +69,17 @@ CAPACITY_CONNECT_TIMEOUT_S = 120.0
 # load processes: the connection-rate load of issue 13 ("5,000 clients
 # dialling 64 at a time"), a crowd arriving, not a flood filling the backlog.
 CAPACITY_DIAL_CONCURRENCY = 64
+# capacity-19k: issue 13's 19,000 connections held (its full run; --quick
+# holds Plan.held_conns), with our server's --max-connections raised to
+# them and --max-handshakes lowered to this, 8x the dials in flight, so
+# both fit a 20,000 open-files limit.
+HELD_CONNS = 19_000
+HELD_HANDSHAKES = 512
+HELD_ARGS = ("--max-connections", str(HELD_CONNS), "--max-handshakes", str(HELD_HANDSHAKES))
+# Our server admits at most its open-files limit less this (FD_RESERVE in
+# broadcast/net/listener.py) less --max-handshakes: at the default 4,096
+# that would be 15,840 of a 20,000 limit.
+SERVER_FD_RESERVE = 64
 # Messages still in flight when the window closes get this long to arrive;
 # what has not arrived by then is reported as undelivered, not lost.
 DRAIN_S = 5.0
@@ -88,8 +102,9 @@ class Plan:
     slow_measure_s: float
     capacity_conns: int  # RSS and threads are taken with this many connected
     capacity_repeats: int
-    rate_conns: int = 5_000  # connects/s over the first this many of them
+    rate_conns: int = 5_000  # connects/s over the first this many of them, and over the last
     fanout_measure_s: float = 10.0
+    held_conns: int = HELD_CONNS  # capacity-19k, in 1 repeat: it is ours only
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -101,7 +116,8 @@ class Plan:
         """
         if quick:
             return cls(warmup_s=0.3, measure_s=1.0, slow_measure_s=1.0,
-                       capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0)
+                       capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0,
+                       held_conns=3_000)
         return cls(warmup_s=1.0, measure_s=5.0, slow_measure_s=7.0,
                    capacity_conns=10_000, capacity_repeats=2, rate_conns=5_000, fanout_measure_s=5.0)
 
@@ -271,22 +287,34 @@ def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
         return _drive(ctx, pool, server, jobs)
 
 
+def _alternate(name: str, ctx: Context, single, nodes) -> tuple[dict, dict]:
+    """Run ``single()`` and ``nodes()``, each on fresh processes, alternating which goes first per call."""
+    turn = ctx.turns.get(name, 0)
+    ctx.turns[name] = turn + 1
+    if turn % 2:
+        later = nodes()
+        return single(), later
+    return single(), nodes()  # left to right: single first
+
+
+def _check_redis_kind(name: str, kind: str, pool: LoadPool) -> None:
+    if kind != "ours":
+        raise ValueError(f"{name} runs our server only")
+    if pool.procs < len(REDIS_NODES):
+        raise RuntimeError(f"{name} needs at least {len(REDIS_NODES)} load processes")
+
+
 def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     """The latency load over 2 nodes sharing one Redis, and on 1 node without Redis for comparison.
 
     Ours only: no peer has a Redis mode. Each call runs both
     variants on fresh processes, alternating which goes first.
     """
-    if kind != "ours":
-        raise ValueError("redis-latency runs our server only")
-    if pool.procs < len(REDIS_NODES):
-        raise RuntimeError(f"redis-latency needs at least {len(REDIS_NODES)} load processes")
-    turn = ctx.turns.get("redis-latency", 0)
-    ctx.turns["redis-latency"] = turn + 1
-    if turn % 2 == 0:
-        single, nodes = latency(kind, pool, ctx), _redis_nodes(pool, ctx)
-    else:
-        nodes, single = _redis_nodes(pool, ctx), latency(kind, pool, ctx)
+    _check_redis_kind("redis-latency", kind, pool)
+    plan = ctx.plan
+    single, nodes = _alternate("redis-latency", ctx, lambda: latency(kind, pool, ctx), lambda: _redis_nodes(
+        pool, ctx, LATENCY_SUBSCRIBERS, Publisher(0, rate=LATENCY_RATE_HZ), plan.measure_s,
+        size=SMALL_SIZE_BYTES))
     out = dict(nodes)
     for key in ("p50_ms", "p99_ms", "max_ms", "deliveries_per_s", "lost", "undelivered", "out_of_order",
                 "receivers", "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"):
@@ -298,8 +326,36 @@ def redis_latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     return out
 
 
-def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
-    """One latency run over a fresh redis-server and 2 fresh nodes; all stopped whatever happens."""
+def redis_fanout(kind: str, pool: LoadPool, ctx: Context) -> dict:
+    """fanout-100 with its subscribers split over 2 nodes sharing one Redis, and on 1 node alone.
+
+    Ours only, like redis-latency, and run the same way. The publisher is on
+    node A, so each message makes the one Redis round trip every node
+    delivers from; the window spans both nodes' receivers. Scale-out's
+    yardstick is the 1-node run: ``deliveries_per_s`` is both nodes' total.
+    """
+    _check_redis_kind("redis-fanout", kind, pool)
+    plan = ctx.plan
+    window = max(FANOUT_WINDOW_MIN_MSGS, FANOUT_INFLIGHT_DELIVERIES // REDIS_FANOUT_SUBSCRIBERS)
+    single, nodes = _alternate("redis-fanout", ctx, lambda: fanout(REDIS_FANOUT_SUBSCRIBERS)(kind, pool, ctx),
+                               lambda: _redis_nodes(pool, ctx, REDIS_FANOUT_SUBSCRIBERS, Publisher(0),
+                                                    plan.fanout_measure_s, size=FANOUT_SIZE_BYTES,
+                                                    stream=True, window=window))
+    out = dict(nodes)
+    for key in ("deliveries_per_s", "lost", "undelivered", "out_of_order", "receivers", "server_cpu_pct",
+                "loadgen_cpu_pct", "other_cpu_pct"):
+        out["single_" + key] = single[key]
+    out["nodes_vs_single"] = nodes["deliveries_per_s"] / single["deliveries_per_s"]
+    return out
+
+
+def _redis_nodes(pool: LoadPool, ctx: Context, subscribers: int, publisher: Publisher, measure_s: float,
+                 **load) -> dict:
+    """One run of a load over a fresh redis-server and 2 fresh nodes; all stopped whatever happens.
+
+    ``subscribers`` are split evenly over the nodes, ``publisher`` is the
+    first load process's, on node A; ``load``: the Job fields of the load.
+    """
     plan = ctx.plan
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
@@ -313,16 +369,15 @@ def _redis_nodes(pool: LoadPool, ctx: Context) -> dict:
             nodes.append(node)
         for node in nodes:
             node.wait_subscribed()
-        # Processes split between the nodes; the publisher is the first process's, on node A.
         procs = _split(pool.procs, len(nodes))
-        subs = _split(LATENCY_SUBSCRIBERS, len(nodes))
+        subs = _split(subscribers, len(nodes))
         jobs, groups = [], {}
         for label, node, nprocs, nsubs in zip(REDIS_NODES, nodes, procs, subs, strict=True):
             groups[label] = list(range(len(jobs), len(jobs) + nprocs))
-            jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, size=SMALL_SIZE_BYTES,
-                         warmup_s=plan.warmup_s, measure_s=plan.measure_s, drain_s=DRAIN_S)
+            jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, warmup_s=plan.warmup_s,
+                         measure_s=measure_s, drain_s=DRAIN_S, **load)
                      for n in _split(nsubs, nprocs)]
-        jobs[0].publishers.append(Publisher(0, rate=LATENCY_RATE_HZ))
+        jobs[0].publishers.append(publisher)
         cpu_parts = {"node_a": nodes[0], "node_b": nodes[1], "redis": redis}
         out = _drive(ctx, pool, nodes[0], jobs, cpu_parts=cpu_parts, groups=groups)
         # A node cut off from Redis delivers its own clients' messages locally:
@@ -348,44 +403,62 @@ def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
         return _drive(ctx, pool, server, jobs)
 
 
-def capacity(kind: str, pool: LoadPool, ctx: Context) -> dict:
-    """N connections dialled 64 at a time, then one of them publishes once (and receives its echo like the rest).
+def capacity(held: str, ours_args: tuple[str, ...] = ()):
+    """N = ``plan.<held>`` connections dialled 64 at a time, then one of them publishes once.
 
-    The connect rate over the first ``plan.rate_conns`` and over all N shows
-    whether accepting slows as connections pile up.
+    The connect rate over the first and over the last ``plan.rate_conns``,
+    and over all N, shows whether accepting slows as connections pile up.
+    Each load process dials from its own loopback addresses, so the
+    machine's ephemeral ports are not what slows it. ``ours_args``: flags
+    for our server (capacity-19k raises its limits).
     """
-    plan = ctx.plan
-    n = plan.capacity_conns
-    with started(kind, ctx.log) as server:
-        time.sleep(SETTLE_S)
-        rss_before = server.rss_bytes()
-        jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
-                     size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
-                     drain_s=CAPACITY_REACH_TIMEOUT_S, connect_timeout_s=CAPACITY_CONNECT_TIMEOUT_S,
-                     connect_concurrency=max(1, CAPACITY_DIAL_CONCURRENCY // pool.procs))
-        for job, first in zip(jobs, _split(plan.rate_conns, pool.procs), strict=True):
-            job.rate_conns = first
-        seen = {}
-
-        def settled(ready) -> None:
-            marks = [r["t_rate_ns"] for r in ready]
-            if None not in marks:  # every process got its share of the first rate_conns up
-                seen["rate"] = plan.rate_conns / ((max(marks) - min(r["t_first_ns"] for r in ready)) / 1e9)
+    def run(kind: str, pool: LoadPool, ctx: Context) -> dict:
+        plan = ctx.plan
+        n = getattr(plan, held)
+        if "--max-handshakes" in ours_args:
+            need = n + int(ours_args[ours_args.index("--max-handshakes") + 1]) + SERVER_FD_RESERVE
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if limit < need:
+                raise RuntimeError(f"{n:,} connections need an open-files limit of {need:,}; "
+                                   f"ulimit -Hn is {limit:,}")
+        with started(kind, ctx.log, ours_args if kind == "ours" else ()) as server:
             time.sleep(SETTLE_S)
-            seen["rss"] = server.rss_bytes()
-            seen["threads"] = server.threads()
+            rss_before = server.rss_bytes()
+            jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
+                         size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
+                         drain_s=CAPACITY_REACH_TIMEOUT_S, connect_timeout_s=CAPACITY_CONNECT_TIMEOUT_S,
+                         connect_concurrency=max(1, CAPACITY_DIAL_CONCURRENCY // pool.procs))
+            for i, (job, share) in enumerate(zip(jobs, _split(plan.rate_conns, pool.procs), strict=True)):
+                job.rate_conns = share
+                job.tail_conns = job.subscribers + len(job.publishers) - share
+                job.sources = source_addresses(i)
+            seen = {}
 
-        out = _drive(ctx, pool, server, jobs, connected=settled, partial_ok=True)
-    connected = max(out["connected"], 1)
-    out.update({
-        "rss_before_mib": rss_before / 2**20,
-        "rss_after_mib": seen["rss"] / 2**20,
-        "rss_per_conn_kib": (seen["rss"] - rss_before) / connected / 1024,
-        "connect_first_per_s": seen.get("rate"),
-        "server_threads": seen["threads"],
-        "broadcast_reach_ms": out["max_ms"] if out["reached"] == out["receivers"] else None,
-    })
-    return out
+            def settled(ready) -> None:
+                firsts, tails = [r["t_rate_ns"] for r in ready], [r["t_tail_ns"] for r in ready]
+                if None not in firsts:  # every process got its share of the first rate_conns up
+                    seen["rate"] = plan.rate_conns / ((max(firsts) - min(r["t_first_ns"] for r in ready)) / 1e9)
+                if None not in tails:  # ... and of the last ones
+                    seen["last"] = plan.rate_conns / ((max(r["t_last_ns"] for r in ready) - max(tails)) / 1e9)
+                time.sleep(SETTLE_S)
+                seen["rss"] = server.rss_bytes()
+                seen["threads"] = server.threads()
+
+            out = _drive(ctx, pool, server, jobs, connected=settled, partial_ok=True)
+        connected = max(out["connected"], 1)
+        first, last = seen.get("rate"), seen.get("last")
+        out.update({
+            "rss_before_mib": rss_before / 2**20,
+            "rss_after_mib": seen["rss"] / 2**20,
+            "rss_per_conn_kib": (seen["rss"] - rss_before) / connected / 1024,
+            "connect_first_per_s": first,
+            "connect_last_per_s": last,
+            "last_vs_first": last / first if first and last else None,
+            "server_threads": seen["threads"],
+            "broadcast_reach_ms": out["max_ms"] if out["reached"] == out["receivers"] else None,
+        })
+        return out
+    return run
 
 
 def _slow_run(kind: str, pool: LoadPool, ctx: Context, slow: int) -> dict:
@@ -540,12 +613,17 @@ SCENARIOS = {
     "fanout-1000": fanout(1000),
     "latency": latency,
     "redis-latency": redis_latency,
+    "redis-fanout": redis_fanout,
     "many-publishers": many_publishers,
-    "capacity": capacity,
+    "capacity": capacity("capacity_conns"),
+    "capacity-19k": capacity("held_conns", HELD_ARGS),
     "slow-consumer": slow_consumer,
     "history-fanout": history_fanout,
     "history-join": history_join,
 }
+# Left out of --quick unless named: its path is capacity's, which --quick runs, and
+# its thousands of connections would push --quick past its 2 minutes.
+FULL_ONLY = ("capacity-19k",)
 # Which servers each scenario runs against (default: all, in turn, every repeat).
 KINDS = ("ours", "ref", "picows", "socketify", "gorilla")
-SCENARIO_KINDS = {"redis-latency": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
+SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "capacity-19k": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}

@@ -12,6 +12,7 @@ the ids (broadcast.ids).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from websockets.frames import Opcode
@@ -21,7 +22,8 @@ class Bus(Protocol):
     state: str  # for /healthz: "off" (no Redis), "ok" or "reconnecting"
 
     def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
-                sender: str | None = None, kind: str = "message") -> object | None:
+                sender: str | None = None, kind: str = "message",
+                refused: Callable[[], None] | None = None) -> object | None:
         """Deliver to every member of ``room`` on every node, except member id ``skip`` (a joiner).
 
         ``payload`` is the plain-text rendering ("[Alice] hi", "* Alice
@@ -31,7 +33,10 @@ class Bus(Protocol):
         Returns what ``settle`` takes to wait for the sender's own copy, or
         None when it is already in the sender's outbox. Raises a
         ConnectionError when it cannot deliver in the one order now (Redis
-        unreachable): the caller refuses the message with a notice.
+        unreachable): the caller refuses the message with a notice. Given
+        ``refused``, it may return before it knows (Redis's answer is a
+        round trip away), and calls ``refused()`` instead, from another
+        thread, if the message was not taken after all.
         """
 
     def settle(self, pending: object) -> None:

@@ -12,12 +12,12 @@ class LocalBus:
         self._rooms = rooms
 
     def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
-                sender: str | None = None, kind: str = "message") -> None:
+                sender: str | None = None, kind: str = "message", refused=None) -> None:
         """Deliver to every member of ``room`` except member id ``skip`` (a joiner or leaver).
 
         Returns None: the sender's own copy is in its outbox already, so
-        there is nothing to settle. A room its last member just left may be
-        gone: then there is no one to tell.
+        there is nothing to settle, and nothing is ever ``refused``. A room
+        its last member just left may be gone: then there is no one to tell.
         """
         target = self._rooms.get(room)
         if target is not None:

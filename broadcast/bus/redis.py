@@ -18,6 +18,14 @@ node delivers it, in the stream's order, once.
 The sender's own echo comes back on the reader thread; ``settle`` waits
 for it (bounded by ECHO_WAIT_S), so the close reply that follows a
 client's last message never passes it.
+
+Publishes are pipelined: one publisher thread takes every message queued
+since its last round trip and appends them all in one (streams.publish_many),
+in the order they were queued, so each sender's order and Redis's order of
+the room are kept while a burst pays one round trip, not one per message.
+A caller that passes ``refused`` does not wait for Redis: it is called back,
+from the publisher thread, for a message Redis did not take. One that does
+not waits for the answer and gets Unavailable, as before the pipeline.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from websockets.frames import Opcode
 
-from .streams import PRESENCE_TTL_S, Entry, StreamsBus, Unavailable
+from .streams import COMMAND_TIMEOUT_S, PRESENCE_TTL_S, Entry, StreamsBus, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,20 @@ ECHO_WAIT_S = 2.0
 # The stream keeps at least this many entries per room (or --history-size,
 # if larger): how far back a node cut off from Redis catches up.
 STREAM_ENTRIES = 1000
+# Publishes queued for the publisher thread hold at most this many payload
+# bytes; a sender past it waits (its connection reads no more meanwhile),
+# so a stalled Redis holds a few MiB here, not all that clients send.
+QUEUED_MAX_BYTES = 4 * 2**20
+# One round trip appends at most this many, so one pipeline's reply stays
+# small and a long queue is answered in steps.
+PIPELINE_MAX_MSGS = 512
+# A publish that waits for its answer (no ``refused``) gives up after this:
+# a round trip takes at most COMMAND_TIMEOUT_S for the pool and as much for
+# the reply, behind at most a few full pipelines; it may still be appended.
+ANSWER_WAIT_S = 5 * COMMAND_TIMEOUT_S
+# A sender waits this long at most for room in the queue: a round trip's
+# worth of COMMAND_TIMEOUT_S, twice; still full past it, Redis is stalled.
+QUEUE_WAIT_S = 2 * COMMAND_TIMEOUT_S
 _OPS = {Opcode.TEXT: b"text", Opcode.BINARY: b"binary"}
 _OPCODES = {name: op for op, name in _OPS.items()}
 MESSAGE = "message"  # the kind of a text message (chat.rooms' name for it); any other kind is a notice
@@ -75,6 +98,13 @@ class RedisBus:
         self._freed: list[tuple[str, str, str]] = []  # (room, name, token) to release
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="redis-presence", daemon=True)
+        # _sending guards _queued, _queued_bytes and _busy; it wakes the
+        # publisher thread, and the senders waiting for room in the queue.
+        self._sending = threading.Condition()
+        self._queued: list[_Queued] = []
+        self._queued_bytes = 0
+        self._busy = False  # a batch is on its way to Redis: the next one waits, so it cannot pass
+        self._publisher = threading.Thread(target=self._publish_loop, name="redis-publisher", daemon=True)
 
     @property
     def state(self) -> str:
@@ -87,21 +117,31 @@ class RedisBus:
     def start(self) -> None:
         self.streams.start()
         self._writer.start()
+        self._publisher.start()
 
     def close(self, deadline: float) -> None:
-        """Stop writing, then leave presence and free the names still held (streams.close), by ``deadline``."""
+        """Send what is queued and stop writing, then leave presence and free the names held, by ``deadline``."""
         self._stop.set()
-        with self._writes:
-            self._writes.notify()
-        if self._writer.is_alive():
-            self._writer.join(max(0.0, deadline - time.monotonic()))
+        for wake in (self._writes, self._sending):
+            with wake:
+                wake.notify_all()
+        for thread in (self._publisher, self._writer):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
         self.streams.close(deadline)
 
     # Reader threads.
 
     def publish(self, room: str, opcode: Opcode, payload: bytes, skip: int | None = None,
-                sender: str | None = None, kind: str = MESSAGE) -> int:
-        """Append to ``room``'s stream; what ``settle`` takes. Unavailable if Redis does not answer."""
+                sender: str | None = None, kind: str = MESSAGE,
+                refused: Callable[[], None] | None = None) -> int:
+        """Queue for ``room``'s stream; what ``settle`` takes.
+
+        With ``refused``, return at once and call it (from the publisher
+        thread) if Redis does not take the message; without, wait for Redis's
+        answer. Unavailable if it did not take it, or if the queue stayed
+        full (Redis stalled) or the bus is closing.
+        """
         mid = next(self._mids)
         fields = {"op": _OPS[opcode], "data": payload, "kind": kind, "ts": repr(time.time()),
                   "node": self._node, "mid": str(mid)}
@@ -109,18 +149,74 @@ class RedisBus:
             fields["from"] = sender
         if skip is not None:
             fields["skip"] = str(skip)
+        queued = _Queued(room, fields, opcode is Opcode.TEXT and kind == MESSAGE, mid, len(payload), refused,
+                         None if refused else threading.Event())
         with self._lock:
             self._unechoed.add(mid)
-        started = time.monotonic()
-        try:
-            self.streams.publish(room, fields, message=opcode is Opcode.TEXT and kind == MESSAGE)
-        except Unavailable:
-            with self._lock:
-                self._unechoed.discard(mid)
-            raise
-        if self._publish_seconds is not None:
-            self._publish_seconds.observe(time.monotonic() - started)
+        with self._sending:
+            room_left = self._sending.wait_for(
+                lambda: not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
+                or self._stop.is_set(), QUEUE_WAIT_S)
+            if self._stop.is_set() or not room_left:
+                self._echoed(mid)
+                raise Unavailable(f"redis {self.url}: " + ("closing" if room_left else "queue to Redis full"))
+            # A sender that waits, finding nothing queued or on its way, sends on its own thread:
+            # the hop to the publisher thread would only add to its wait.
+            direct = queued.answered is not None and not self._queued and not self._busy
+            if direct:
+                self._busy = True
+            else:
+                self._queued.append(queued)
+                self._queued_bytes += queued.size
+                self._sending.notify_all()
+        if direct:
+            self._send([queued])
+        elif queued.answered is not None and not queued.answered.wait(ANSWER_WAIT_S):
+            self._echoed(mid)
+            raise Unavailable(f"redis {self.url}: no answer within {ANSWER_WAIT_S:.0f} s")
+        if queued.error is not None:
+            raise Unavailable(str(queued.error))
         return mid
+
+    def _publish_loop(self) -> None:
+        """Append what is queued, in order, a pipeline at a time; answer each sender; until closed and empty."""
+        while True:
+            with self._sending:
+                self._sending.wait_for(lambda: (self._queued and not self._busy)
+                                       or (self._stop.is_set() and not self._queued))
+                if not self._queued:
+                    return
+                batch = self._queued[:PIPELINE_MAX_MSGS]
+                del self._queued[:PIPELINE_MAX_MSGS]
+                self._queued_bytes -= sum(q.size for q in batch)
+                self._busy = True
+                self._sending.notify_all()  # room in the queue for the senders waiting
+            self._send(batch)
+
+    def _send(self, batch: list[_Queued]) -> None:
+        """Append ``batch`` in one round trip (holding ``_busy``, so nothing passes it), then answer each sender."""
+        try:
+            answers = self.streams.publish_many([(q.room, q.fields, q.message) for q in batch])
+        except Unavailable as exc:
+            answers = [exc] * len(batch)
+        finally:
+            with self._sending:
+                self._busy = False
+                self._sending.notify_all()
+        now = time.monotonic()
+        for queued, answer in zip(batch, answers, strict=True):
+            if self._publish_seconds is not None and not isinstance(answer, Unavailable):
+                self._publish_seconds.observe(now - queued.started)
+            if isinstance(answer, Unavailable):
+                queued.error = answer
+                if queued.refused is not None:
+                    try:
+                        queued.refused()
+                    except Exception:  # the caller's callback failed: the others are still answered
+                        log.exception("refusing a message of room %s failed", queued.room)
+                self._echoed(queued.mid)  # no echo is coming; the refusal is queued before settle returns
+            if queued.answered is not None:
+                queued.answered.set()
 
     def settle(self, mid: int) -> None:
         """Return once own message ``mid`` is delivered here, or after ECHO_WAIT_S."""
@@ -189,9 +285,13 @@ class RedisBus:
             room.deliver(_OPCODES[fields["op"]], fields["data"], skip, _sender(entry), fields["kind"].decode(),
                          id=entry.id if entry.message else None, ts=float(fields["ts"]))
         if own:
-            with self._lock:
-                self._unechoed.discard(int(fields["mid"]))
-                self._lock.notify_all()
+            self._echoed(int(fields["mid"]))
+
+    def _echoed(self, mid: int) -> None:
+        """Own message ``mid`` is delivered here, or never will be: ``settle`` waits no more for it."""
+        with self._lock:
+            self._unechoed.discard(mid)
+            self._lock.notify_all()
 
     def _on_gap(self, room: str, epoch: str, missed: int | None) -> None:
         if missed is None:
@@ -202,6 +302,24 @@ class RedisBus:
 
     def _on_name_lost(self, room: str, name: str) -> None:
         self.on_name_lost(room, name)
+
+
+class _Queued:
+    """A publish waiting for the publisher thread, and then its answer."""
+
+    __slots__ = ("room", "fields", "message", "mid", "size", "refused", "answered", "error", "started")
+
+    def __init__(self, room: str, fields: dict, message: bool, mid: int, size: int,
+                 refused: Callable[[], None] | None, answered: threading.Event | None) -> None:
+        self.room = room
+        self.fields = fields
+        self.message = message  # a text message (a SEQ, history), else a note
+        self.mid = mid
+        self.size = size  # payload bytes, counted in QUEUED_MAX_BYTES
+        self.refused = refused
+        self.answered = answered  # set once answered, for a sender that waits
+        self.error: Unavailable | None = None  # why Redis did not take it
+        self.started = time.monotonic()  # for the publish-time histogram
 
 
 def _sender(entry: Entry) -> str | None:

@@ -64,6 +64,7 @@ from typing import NamedTuple
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from broadcast.ids import MessageId, new_epoch
@@ -340,11 +341,40 @@ class StreamsBus:
 
         Unavailable if Redis does not answer.
         """
-        args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, "seq" if message else "after"]
-        for name, value in fields.items():
-            args += (name, value)
-        epoch, seq, _ = self._call(self._publish, keys=self._room_keys(room), args=args)
-        return MessageId(epoch.decode(), seq)
+        (answer,) = self.publish_many([(room, fields, message)])
+        if isinstance(answer, Unavailable):
+            raise answer
+        return answer
+
+    def publish_many(self, items: list[tuple[str, Mapping[str, bytes | str], bool]]) -> list[MessageId | Unavailable]:
+        """Append each ``(room, fields, message)``, in this order, in one round trip; each one's id or why not.
+
+        Redis runs a pipeline's commands in the order sent, each append its
+        own script as in ``publish``, so a burst costs one round trip and
+        keeps its order. Not a transaction: one append refused (a key of
+        the wrong type) does not refuse the others. Unavailable, for all
+        of them, if Redis does not answer.
+        """
+        commands = []
+        for room, fields, message in items:
+            args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, "seq" if message else "after"]
+            for name, value in fields.items():
+                args += (name, value)
+            commands.append((self._room_keys(room), args))
+        replies = self._pipelined(commands)
+        if any(isinstance(r, NoScriptError) for r in replies):  # a restarted Redis lost its scripts
+            self._call(self._client.script_load, _PUBLISH)  # a missing script ran nothing: send them again
+            again = iter(self._pipelined([c for c, r in zip(commands, replies) if isinstance(r, NoScriptError)]))
+            replies = [next(again) if isinstance(r, NoScriptError) else r for r in replies]
+        return [Unavailable(f"redis {self.url}: {r}") if isinstance(r, Exception) else MessageId(r[0].decode(), r[1])
+                for r in replies]
+
+    def _pipelined(self, commands: list[tuple[list, list]]) -> list:
+        """The publish script's replies, or the errors Redis gave, one per command; Unavailable if no answer."""
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in commands:
+            pipe.evalsha(self._publish.sha, len(keys), *keys, *args)
+        return self._call(pipe.execute, raise_on_error=False)
 
     def follow(self, room: str, history: int) -> Replay:
         """Start delivering ``room`` after its last ``history`` entries, which come back here.

@@ -1,5 +1,7 @@
 """broadcast/bus/streams.py against a real redis-server: ids, order, history, catch-up, presence, names.
 
+And bus/redis.py's pipelined publisher over it, delivering into a recording room.
+
 A "node" here is a StreamsBus instance with its own redis-py clients; two of
 them in one test process talk to each other only through Redis, as two
 servers would. The node that must die without a word is a real process,
@@ -17,8 +19,10 @@ import threading
 import time
 
 import pytest
+from websockets.frames import Opcode
 
 from broadcast.bus import streams
+from broadcast.bus.redis import RedisBus
 from support.process import ROOT, clean_env
 
 pytestmark = pytest.mark.redis
@@ -414,3 +418,89 @@ def test_the_redis_password_reaches_no_error_and_no_log_line(redis_server, caplo
     finally:
         node.close()
         redis_server.start()
+
+
+def test_publish_many_appends_a_burst_in_order_and_again_once_redis_lost_its_scripts(redis_server, nodes):
+    a, b = nodes("a"), nodes("b")
+    a.bus.follow("room", 0)
+    burst = [("room", {"text": f"m{i}"}, i % 10 != 9) for i in range(100)]  # every 10th a note
+    ids = b.bus.publish_many(burst)
+    got = a.wait_entries(100)
+    assert texts(got) == [f"m{i}".encode() for i in range(100)]
+    assert [e.id for e in got] == ids
+    assert [e.message for e in got] == [message for _, _, message in burst]
+    assert seqs([e for e in got if e.message]) == list(range(1, 91))
+    redis_server.admin.script_flush()  # as a restarted Redis without persistence would have it
+    assert b.bus.publish_many([("room", {"text": "after flush"}, True)]) == [a.wait_entries(101)[100].id]
+    assert texts(a.entries()[100:]) == [b"after flush"]
+
+
+class Room:
+    """What a bus delivers into (chat.rooms.Room's part of it): every message, in arrival order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.got: list[bytes] = []
+        self._cond = threading.Condition()
+
+    def restore_locked(self, epoch, last_seq, messages) -> None:
+        assert self.lock.locked()
+
+    def deliver(self, opcode, payload, skip=None, sender=None, kind="message", id=None, ts=None) -> None:
+        with self._cond:
+            self.got.append(payload)
+            self._cond.notify_all()
+
+    def wait_got(self, n: int) -> list[bytes]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.got) >= n, WAIT_S), f"{len(self.got)} of {n}"
+            return self.got
+
+
+@pytest.fixture
+def redis_bus(redis_server):
+    """A RedisBus (bus/redis.py, the pipelined publisher over StreamsBus) delivering into one Room."""
+    room = Room("room")
+    bus = RedisBus({"room": room}, redis_server.url, "broadcast", "node-a")
+    bus.start()
+    with room.lock:
+        bus.open_locked(room)
+    yield bus, room
+    bus.close(time.monotonic() + 5)
+
+
+def test_pipelined_publishes_keep_the_senders_order_and_refuse_to_the_sender_while_redis_is_gone(
+        redis_server, redis_bus):
+    bus, room = redis_bus
+    refused: list[int] = []
+    told = threading.Condition()
+
+    def refuse(i: int) -> None:
+        with told:
+            refused.append(i)
+            told.notify_all()
+
+    # One sender that does not wait for Redis, and one that does, at the same time.
+    mids = [bus.publish("room", Opcode.TEXT, f"a{i}".encode(), refused=lambda i=i: refuse(i)) for i in range(300)]
+    waiting = threading.Thread(target=lambda: [bus.publish("room", Opcode.TEXT, f"b{i}".encode())
+                                               for i in range(30)])
+    waiting.start()
+    waiting.join(WAIT_S)
+    got = room.wait_got(330)
+    assert [m for m in got if m.startswith(b"a")] == [f"a{i}".encode() for i in range(300)]
+    assert [m for m in got if m.startswith(b"b")] == [f"b{i}".encode() for i in range(30)]
+    bus.settle(mids[-1])
+    assert refused == []
+
+    redis_server.stop()
+    try:
+        mid = bus.publish("room", Opcode.TEXT, b"lost", refused=lambda: refuse(-1))  # returns before Redis answers
+        with told:
+            assert told.wait_for(lambda: refused == [-1], WAIT_S), refused
+        bus.settle(mid)  # no echo is coming, and settle knows it
+        with pytest.raises(streams.Unavailable):
+            bus.publish("room", Opcode.TEXT, b"refused")
+    finally:
+        redis_server.start()
+    assert b"lost" not in room.got and b"refused" not in room.got
