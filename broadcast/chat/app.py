@@ -130,16 +130,21 @@ class ChatApp:
         if opcode is Opcode.TEXT and session.prefix:
             payload = session.prefix + payload
         try:
-            return self.bus.publish(session.room.name, opcode, payload, sender=session.username)
+            return self.bus.publish(session.room.name, opcode, payload, sender=session.username,
+                                    refused=lambda: self._refuse(member))
         except ConnectionError:
-            # Across nodes, Redis gives the one order; without it the message is refused, never
-            # delivered here now and in another order elsewhere later.
-            room = session.room
-            notice = (structured.error(room.name, time.time(), NOT_SENT) if session.structured
-                      else f"* {NOT_SENT}")
-            room.tell(member, text_frame(notice))
-            log.info("refused a message of %s: %s", member.label, NOT_SENT)
+            self._refuse(member)
             return None
+
+    def _refuse(self, member: Member) -> None:
+        """Across nodes, Redis gives the one order; without it the message is refused, never
+        delivered here now and in another order elsewhere later."""
+        session = member.session
+        room = session.room
+        notice = (structured.error(room.name, time.time(), NOT_SENT) if session.structured
+                  else f"* {NOT_SENT}")
+        room.tell(member, text_frame(notice))
+        log.info("refused a message of %s: %s", member.label, NOT_SENT)
 
     def settle(self, pending: object) -> None:
         self.bus.settle(pending)
