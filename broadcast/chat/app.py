@@ -39,7 +39,7 @@ class Session:
     """What the chat knows of one client, from its handshake on; written by its reader thread only."""
 
     __slots__ = ("username", "prefix", "room", "history", "since", "structured", "member", "replaces",
-                 "replaced")
+                 "replaced", "token")
 
     def __init__(self, username: str | None, history: int | None, since: MessageId | None) -> None:
         self.username = username
@@ -51,6 +51,7 @@ class Session:
         self.member: Member | None = None  # once opened: what a resume closes
         self.replaces: Session | None = None  # the former connection this one takes its name from
         self.replaced = False  # taken over: it leaves without a notice (another thread sets it, once)
+        self.token: str | None = None  # its session token (named only): a secret, sent to it alone
 
 
 class ChatApp:
@@ -76,6 +77,7 @@ class ChatApp:
             return Refused(http.HTTPStatus.CONFLICT, taken.reason)
         session.room = room
         session.replaces = seated.replaced
+        session.token = seated.token
         online = (ONLINE_HEADER, str(len(room) + 1))  # counting the one joining
         headers = (online, (SESSION_HEADER, seated.token)) if seated.token else (online,)
         return Admit(session, f"{username or 'anonymous'}@{peer}", headers)
@@ -87,7 +89,7 @@ class ChatApp:
         session = member.session
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
-        online = session.room.join(member, session.structured, session.history, session.since)
+        online = session.room.join(member, session.structured, session.history, session.since, session.token)
         log.info("connect %s (%d online), room %s", member.label, online, session.room.name,
                  extra={"event": "connect", "peer": member.peer, "user": session.username,
                         "room": session.room.name, "online": online})

@@ -126,17 +126,19 @@ class Room:
             plain = _frame(_TEXT, payload)
             self._keep_locked(seq, ts, sender, payload, plain)
 
-    def join(self, member, structured_: bool, history: int | None, since: MessageId | None) -> int:
+    def join(self, member, structured_: bool, history: int | None, since: MessageId | None,
+             token: str | None = None) -> int:
         """Add ``member``, whose 101 and catch-up are queued (``accept``) before any broadcast can reach it.
 
         ``history``: how many past messages to replay (None: all for a
         structured member, none for a plain one); ``since``: the last id the
-        client saw, to recover from.
+        client saw, to recover from; ``token``: its session token, for its
+        presence object alone (structured only).
         """
         with self.lock:
             member.accept()
             evicted = False
-            for frame in self._catch_up_locked(structured_, history, since):
+            for frame in self._catch_up_locked(structured_, history, since, token):
                 if member.send(frame) == EVICTED:
                     evicted = True
                     break
@@ -151,7 +153,8 @@ class Room:
             member.evict()
         return online
 
-    def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None) -> list[bytes]:
+    def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None,
+                         token: str | None) -> list[bytes]:
         """What a joiner is owed before anything live: (gap,) history, then presence (structured only)."""
         assert self.lock.locked()
         kept = self.history
@@ -176,15 +179,17 @@ class Room:
             entries = kept.last(history)
         if structured_:
             frames += [entry.replay for entry in entries]
-            frames.append(self.presence_frame_locked())
+            frames.append(self.presence_frame_locked(token))
         else:
             frames += [entry.plain for entry in entries]
         return frames
 
-    def presence_frame_locked(self) -> bytes:
+    def presence_frame_locked(self, token: str | None = None) -> bytes:
+        """A presence object for one member; ``token`` only in the joiner's own (never shared)."""
         assert self.lock.locked()
         users, anonymous = self.who_locked()
-        return text_frame(structured.presence(self.history.last_id, self.name, time.time(), users, anonymous))
+        return text_frame(structured.presence(self.history.last_id, self.name, time.time(), users, anonymous,
+                                              token))
 
     def who_locked(self) -> tuple[list[str], int]:
         """Who is in the room, on every node when there are several: (sorted names, anonymous count).

@@ -59,10 +59,16 @@ def leave(id: str, room: str, ts: float, name: str) -> str:
     return f'{_head("leave", id, room, ts)},"from":{_string(name)}}}'
 
 
-def presence(id: str, room: str, ts: float, users: list[str], anonymous: int) -> str:
-    """Who is in the room: ``users`` already sorted, and how many have no name."""
+def presence(id: str, room: str, ts: float, users: list[str], anonymous: int,
+             session: str | None = None) -> str:
+    """Who is in the room: ``users`` already sorted, and how many have no name.
+
+    ``session`` is the joiner's own session token, in the presence it alone
+    gets on joining: a browser cannot read the handshake's response headers.
+    """
     names = ",".join(map(_string, users))
-    return f'{_head("presence", id, room, ts)},"users":[{names}],"anonymous":{anonymous:d}}}'
+    own = "" if session is None else f',"session":{_string(session)}'
+    return f'{_head("presence", id, room, ts)},"users":[{names}],"anonymous":{anonymous:d}{own}}}'
 
 
 def gap(id: str | None, room: str, ts: float, missed: int | None, reason: str) -> str:

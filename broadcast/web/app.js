@@ -1,8 +1,10 @@
 // The chat page: one WebSocket speaking broadcast.v1 (see the README's wire protocol).
 //
 // Everything a peer sends is put on the page with textContent, never as HTML.
-// The token lives in this script's memory and in the WebSocket's query
-// string only: never in the page's URL, its history or storage.
+// The token, and the session token the server gives this page's name, live
+// in this script's memory and in the WebSocket's query string only: never in
+// the page's URL, its history or storage (a session token kept there would
+// let whoever reads the profile take the name over; a reload is a new visit).
 "use strict";
 
 const PROTOCOL = "broadcast.v1";
@@ -30,6 +32,7 @@ const chat = {
   name: "",
   room: "",
   token: "",
+  session: "", // the server's session token for this name here: a reconnection takes the name back with it
   ws: null,
   lastId: null, // the last id seen, handed back as ?since= to recover
   seen: new Set(), // ids of messages on the page: recovery never shows one twice
@@ -59,6 +62,7 @@ function socketUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const query = new URLSearchParams({ username: chat.name });
   if (chat.token) query.set("token", chat.token);
+  if (chat.session) query.set("session", chat.session);
   if (chat.lastId) query.set("since", chat.lastId);
   return `${scheme}//${location.host}/ws/${chat.room}?${query}`;
 }
@@ -116,7 +120,9 @@ function closeText(event) {
 // A browser tells a page nothing about a refused WebSocket handshake, so
 // the same request is made again as a plain GET, which the server answers
 // with its reason (401, 409, 400, 503 ...) or, when it would take it, 426.
-// The token goes in a header here, where fetch can put it.
+// The token goes in a header here, where fetch can put it. The session
+// token does not go at all: this GET is admitted as the WebSocket would be,
+// and with it would take the name's seat from the old connection for nothing.
 async function diagnose(attemptId) {
   const query = new URLSearchParams({ username: chat.name });
   const headers = chat.token ? { Authorization: "Bearer " + chat.token } : {};
@@ -140,8 +146,8 @@ async function diagnose(attemptId) {
            " (or a proxy in between does not pass WebSocket upgrades)");
     }
   } else if (response.status >= 500 || (response.status === 409 && chat.joinedOnce)) {
-    // A 409 after a drop is this page's own name, held until the server
-    // notices that the old connection is gone.
+    // A 409 after a drop may be this page's own name, held until the server
+    // notices that the old connection is gone (a server that gave no session token).
     retry(`${response.status} ${reason}`);
   } else {
     stop(`the server refused to connect: ${reason}`);
@@ -206,7 +212,9 @@ function handle(obj) {
 }
 
 // The room's presence follows its history: from here on this connection is live.
+// The one it gets on joining carries its session token.
 function presence(obj) {
+  if (typeof obj.session === "string") chat.session = obj.session;
   chat.users = new Map();
   for (const name of obj.users) chat.users.set(name, (chat.users.get(name) || 0) + 1);
   chat.anonymous = obj.anonymous;
@@ -315,6 +323,7 @@ function join(event) {
   }
   if (room !== chat.room || name !== chat.name) {
     chat.lastId = null;
+    chat.session = "";
     chat.seen.clear();
     chat.joinedOnce = false;
     $("log").replaceChildren();

@@ -331,3 +331,37 @@ def test_duplicate_names_are_allowed_when_the_operator_says_so(start_server):
     server = start_server("--allow-duplicate-names")
     with ws_connect(url_for(server, "twin")) as one, ws_connect(url_for(server, "twin")):
         assert recv(one, WAIT) == "* twin joined"
+
+
+def test_a_structured_joiner_alone_gets_its_session_token_and_resumes_with_it(server):
+    with ws_connect(url_for(server, "Carol", "/ws/keys")) as carol, \
+            structured(server, "/ws/keys", "Alice") as alice, structured(server, "/ws/keys") as anon:
+        token = until(alice, "presence")[-1]["session"]
+        assert token == alice.response.headers["Broadcast-Session"]
+        others = until(anon, "presence")
+        assert "session" not in others[-1]  # anonymous: no name, no token
+        with structured(server, "/ws/keys", "Bob") as bob:
+            others += until(bob, "presence")
+            bobs = others[-1]["session"]
+            assert bobs == bob.response.headers["Broadcast-Session"] and bobs != token
+            heard = until(alice, "join")  # Bob's
+            alice.send('{"kind":"presence"}')  # asked for: the room's names, no token
+            heard += until(alice, "presence")
+            assert [obj["kind"] for obj in heard] == ["join", "presence"]
+            assert all("session" not in obj for obj in heard)
+            # Plain text is as it was: no presence, no token, the very lines of the Go original.
+            assert recv_n(carol, 2, WAIT) == ["* Alice joined", "* Bob joined"]
+
+            with structured(server, "/ws/keys?session=" + token, "Alice") as resumed:
+                assert until(resumed, "presence")[-1]["session"] == token
+                with pytest.raises(Closed) as closed:
+                    while True:
+                        recv(alice, WAIT)
+                assert (closed.value.code, closed.value.reason) == (4000, "replaced by a new connection")
+                resumed.send("me again")
+                others += until(bob, "message") + until(anon, "message")
+                assert others[-1]["text"] == "me again"
+                assert recv(carol, WAIT) == "[Alice] me again"  # no leave, no join: a resume
+                # Everything the others got, Bob's own token in his presence aside: never Alice's.
+                assert [obj for obj in others if token in json.dumps(obj)] == []
+    assert token not in server.log and bobs not in server.log
