@@ -9,7 +9,6 @@ bytes in stream order; for plain TCP it is the identity.
 from __future__ import annotations
 
 import socket
-import time
 from typing import Protocol
 
 # What a reader asks for after a short read. It waits for the next bytes
@@ -27,7 +26,7 @@ RECV_MAX_BYTES = 16 * 1024
 class Transport(Protocol):
     """What a connection and its outbox need of the bytes underneath; PlainTransport and TLSTransport are it.
 
-    The reader thread calls handshake, set_deadline and recv; the one
+    The reader thread calls handshake and recv; the one
     writer that holds the outbox calls encode, finish, send_nowait and
     shutdown_write; any thread may abort.
     """
@@ -35,8 +34,7 @@ class Transport(Protocol):
     peer: str
 
     def fileno(self) -> int: ...
-    def handshake(self, deadline: float | None) -> bool: ...
-    def set_deadline(self, deadline: float | None) -> bool: ...
+    def handshake(self) -> bool: ...
     def recv(self) -> bytes: ...
     def encode(self, data: bytes) -> bytes: ...
     def finish(self) -> bytes: ...
@@ -57,23 +55,8 @@ class PlainTransport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def handshake(self, deadline: float | None) -> bool:
+    def handshake(self) -> bool:
         """Transport-level handshake before HTTP; nothing to do in plain TCP."""
-        return True
-
-    def set_deadline(self, deadline: float | None) -> bool:
-        """Make the next blocking call give up at ``deadline``; False if it has passed.
-
-        A per-call timeout alone would let a client that trickles one byte
-        at a time hold the connection open forever.
-        """
-        if deadline is None:
-            self.sock.settimeout(None)
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        self.sock.settimeout(remaining)
         return True
 
     def recv(self) -> bytes:
