@@ -15,6 +15,12 @@ from typing import Protocol
 # with a 1-byte peek first: blocked in recv() it would hold a buffer of the
 # size it asked for, and 10,000 idle clients must not pin 2 KiB each.
 RECV_IDLE_BYTES = 2048
+# A new connection's first read asks for this at once, without the peek:
+# its request is on its way, usually there already, so the peek would only
+# cost one more system call (and GIL hand-off) per connect; and the buffer
+# is held while waiting only by connections still in their handshake,
+# which the handshake caps bound.
+RECV_FIRST_BYTES = 4096
 # A reader whose reads come back full asks for four times more, up to this,
 # so a big message or a fast publisher still costs few syscalls; and no
 # more, because one read is parsed at once, and a read full of tiny frames
@@ -50,7 +56,7 @@ class PlainTransport:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
-        self._want = RECV_IDLE_BYTES
+        self._want = RECV_FIRST_BYTES
 
     def fileno(self) -> int:
         return self.sock.fileno()
