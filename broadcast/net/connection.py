@@ -27,6 +27,8 @@ _ping           | reader (pong) and ticker (ping) write             | lock for w
                 |                                                   | unlocked read is at most a tick stale
 _ping_at        | ticker                                            | lock (written with _ping)
 _close_by       | reader, ticker, shutdown write; ticker reads      | lock for writes; as _ping for reads
+_open_by        | set at accept; reader clears it on joining;       | lock for the write; as _ping for
+                | ticker reads                                      | reads
 _response       | reader writes; accept() (inside app.opened) reads | lock
 _partial, _opcode, _held, _unechoed, _bucket | reader only          | none
 
@@ -138,10 +140,15 @@ class Connection:
         # The bus's handle on this client's last message while it may still
         # be on its way back to the client (round Redis); see _settle.
         self._unechoed = None
-        # Keepalive and closing deadlines, read by the ticker.
+        # Keepalive, opening and closing deadlines, read by the ticker. The
+        # ticker, not a socket timeout, ends an opening handshake that runs
+        # out of time: a timeout costs two system calls to set and clear and
+        # a poll() before every read, each a hand-off of the GIL while
+        # hundreds of clients dial at once.
         self._ping: bytes | None = None
-        self._ping_at = time.monotonic()
+        self._ping_at = now = time.monotonic()
         self._close_by: float | None = None
+        self._open_by = now + config.open_timeout if config.open_timeout else None
 
     # Reader thread.
 
@@ -169,21 +176,17 @@ class Connection:
             self._listener.forget(self)
 
     def _open(self) -> list[Frame] | None:
-        """Run the opening handshake under the open timeout.
+        """Run the opening handshake, which the ticker cuts short at ``_open_by``.
 
         Returns the frames a hasty client sent right behind its request
         (they are parsed with it), or None if the connection did not open.
         """
-        open_timeout = self._listener.config.open_timeout
-        deadline = time.monotonic() + open_timeout if open_timeout else None
-        if not self.transport.handshake(deadline):
+        if not self.transport.handshake():
             log.info("refused %s: TLS handshake failed or timed out", self.peer)
             return None
         received = 0
         request = None
         while request is None:
-            if not self.transport.set_deadline(deadline):
-                return None
             data = self.transport.recv()
             if not data:
                 return None
@@ -209,7 +212,6 @@ class Connection:
                 else:
                     self._push_locked()
             if response.status_code == 101 and self.joined:
-                self.transport.set_deadline(None)
                 self._app.ready(self)
                 return early
         # Refused: keep reading until the client hangs up, so that it gets
@@ -282,6 +284,7 @@ class Connection:
         # the room under its lock): nothing broadcast after the client sees
         # 101 can pass it by.
         self.joined = True
+        self._open_by = None
         self._listener.opened(self)
         self._response = response
         self._app.opened(self)
@@ -502,6 +505,9 @@ class Connection:
 
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
         """Enforce deadlines; called by the ticker thread."""
+        if self._open_by is not None and now >= self._open_by:
+            self.transport.abort()  # the opening handshake ran out of time, wherever it is
+            return
         if self._close_by is not None:
             if now >= self._close_by:
                 self.transport.abort()  # why it closes was said when the close began

@@ -38,7 +38,10 @@ def _libc():
     """glibc on x86-64 Linux, typed for the four calls below; None elsewhere."""
     if not (sys.platform == "linux" and platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
+    # PyDLL keeps the GIL across each call: they return in microseconds, and
+    # with a burst of clients handshaking, every release is a hand-off to
+    # another thread and a wait to get it back.
+    libc = ctypes.PyDLL(None, use_errno=True)
     libc.pthread_self.restype = ctypes.c_ulong
     libc.pthread_getattr_np.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
     libc.pthread_attr_getstack.argtypes = (

@@ -27,7 +27,7 @@ class Ticker:
 
     def _run(self) -> None:
         c = self.config
-        periods = [p / 4 for p in (c.ping_interval, c.ping_timeout, c.write_timeout) if p]
+        periods = [p / 4 for p in (c.ping_interval, c.ping_timeout, c.write_timeout, c.open_timeout) if p]
         period = max(TICK_MIN_S, min([TICK_MAX_S, *periods]))
         while True:
             time.sleep(period)

@@ -9,13 +9,18 @@ bytes in stream order; for plain TCP it is the identity.
 from __future__ import annotations
 
 import socket
-import time
 from typing import Protocol
 
 # What a reader asks for after a short read. It waits for the next bytes
 # with a 1-byte peek first: blocked in recv() it would hold a buffer of the
 # size it asked for, and 10,000 idle clients must not pin 2 KiB each.
 RECV_IDLE_BYTES = 2048
+# A new connection's first read asks for this at once, without the peek:
+# its request is on its way, usually there already, so the peek would only
+# cost one more system call (and GIL hand-off) per connect; and the buffer
+# is held while waiting only by connections still in their handshake,
+# which the handshake caps bound.
+RECV_FIRST_BYTES = 4096
 # A reader whose reads come back full asks for four times more, up to this,
 # so a big message or a fast publisher still costs few syscalls; and no
 # more, because one read is parsed at once, and a read full of tiny frames
@@ -27,7 +32,7 @@ RECV_MAX_BYTES = 16 * 1024
 class Transport(Protocol):
     """What a connection and its outbox need of the bytes underneath; PlainTransport and TLSTransport are it.
 
-    The reader thread calls handshake, set_deadline and recv; the one
+    The reader thread calls handshake and recv; the one
     writer that holds the outbox calls encode, finish, send_nowait and
     shutdown_write; any thread may abort.
     """
@@ -35,8 +40,7 @@ class Transport(Protocol):
     peer: str
 
     def fileno(self) -> int: ...
-    def handshake(self, deadline: float | None) -> bool: ...
-    def set_deadline(self, deadline: float | None) -> bool: ...
+    def handshake(self) -> bool: ...
     def recv(self) -> bytes: ...
     def encode(self, data: bytes) -> bytes: ...
     def finish(self) -> bytes: ...
@@ -52,28 +56,13 @@ class PlainTransport:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
-        self._want = RECV_IDLE_BYTES
+        self._want = RECV_FIRST_BYTES
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def handshake(self, deadline: float | None) -> bool:
+    def handshake(self) -> bool:
         """Transport-level handshake before HTTP; nothing to do in plain TCP."""
-        return True
-
-    def set_deadline(self, deadline: float | None) -> bool:
-        """Make the next blocking call give up at ``deadline``; False if it has passed.
-
-        A per-call timeout alone would let a client that trickles one byte
-        at a time hold the connection open forever.
-        """
-        if deadline is None:
-            self.sock.settimeout(None)
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        self.sock.settimeout(remaining)
         return True
 
     def recv(self) -> bytes:
