@@ -1,10 +1,11 @@
 """A room's recent messages, kept so that joiners get context and reconnecting clients what they missed.
 
-Only messages are kept (notices and binary frames are not), as the two
-frames the fan-out already built for them: the plain-text frame, which is the
-same live and replayed, and the structured ``history`` frame, encoded once at
-append so that a thousand joiners share it. The text is not kept a third
-time: the frames carry it, and the byte bounds count what is held.
+Only messages are kept (notices and binary frames are not): the plain-text
+frame the fan-out already built, which is the same live and replayed, and
+the text, from which a structured joiner's ``history`` frames are encoded
+as it joins. Encoding that frame at append, for every message whether
+anyone joins or not, cost the fan-out a tenth of its rate; a joiner pays
+about 2.5 us per message replayed instead. The byte bounds count what is held.
 
 A History is not thread-safe by itself: its room's lock guards it, and the
 lock is passed in so that every method that reads or changes it can assert
@@ -16,6 +17,7 @@ and never two room locks at once).
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
 import time
 from collections import deque
@@ -26,10 +28,11 @@ from typing import NamedTuple
 
 from broadcast.ids import format_id
 
-# What one kept entry costs beyond its two frames' bytes: the Entry object,
-# the two bytes objects' headers, its two floats and its int, and its deque
-# slot (sys.getsizeof on CPython 3.11; tests/unit/test_chat_history.py checks it).
-ENTRY_OVERHEAD_BYTES = 230
+# What one kept entry costs beyond its frame's bytes and its text (counted
+# by sys.getsizeof): the Entry object, the bytes object's header, its two
+# floats and its int, and its deque slot (sys.getsizeof on CPython 3.11;
+# tests/unit/test_chat_history.py checks it).
+ENTRY_OVERHEAD_BYTES = 197
 # When the node's histories pass their total, the budget sheds down to this
 # fraction of it, so that the walk over every room runs once per 1/16 of the
 # total appended rather than once per message.
@@ -40,24 +43,26 @@ class Entry:
     """One kept message, as the room's fan-out built it.
 
     ``plain`` is the very bytes object queued to plain-text clients live (a
-    reference, not a copy); ``replay`` is
-    ``Frame(Opcode.TEXT, structured.history(...).encode()).serialize(mask=False)``.
-    ``born`` is set by ``History.append`` from its injected monotonic clock.
+    reference, not a copy); ``text`` is the message without its sender's
+    prefix, from which a structured joiner's ``history`` object is built
+    when one asks: building it for every message, joiner or not, cost the
+    fan-out a tenth of its rate. ``born`` is set by ``History.append`` from
+    its injected monotonic clock.
     """
 
-    __slots__ = ("seq", "ts", "sender", "plain", "replay", "born")
+    __slots__ = ("seq", "ts", "sender", "plain", "text", "born")
 
-    def __init__(self, seq: int, ts: float, sender: str | None, plain: bytes, replay: bytes) -> None:
+    def __init__(self, seq: int, ts: float, sender: str | None, plain: bytes, text: str) -> None:
         self.seq = seq
         self.ts = ts  # server time, Unix seconds: what the frames say
         self.sender = sender
         self.plain = plain  # the plain-text frame, as broadcast
-        self.replay = replay  # the structured frame of kind "history"
+        self.text = text  # the structured objects' "text"
         self.born = 0.0
 
     @property
     def size(self) -> int:
-        return len(self.plain) + len(self.replay) + ENTRY_OVERHEAD_BYTES
+        return len(self.plain) + sys.getsizeof(self.text) + ENTRY_OVERHEAD_BYTES
 
 
 class Recovery(NamedTuple):

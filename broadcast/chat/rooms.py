@@ -13,8 +13,8 @@ bounds: when the writers fall behind, it is the publishers who wait
 fan-out itself; a member whose socket stalled is evicted.
 
 A message is encoded once per protocol under that lock, where its id is
-decided: one plain frame, one structured frame (and, when history is on,
-the structured ``history`` frame kept for replays). Plain and structured
+decided: one plain frame and one structured frame (a structured joiner's
+``history`` frames are encoded from the kept text as it joins). Plain and structured
 members are kept apart, each protocol with its own feed; joining and
 leaving cost the same however many are in the room. A joiner's history is
 queued in the same locked step as it joins, so between history and live
@@ -178,7 +178,9 @@ class Room:
         if entries is None:
             entries = kept.last(history)
         if structured_:
-            frames += [entry.replay for entry in entries]
+            epoch, name = kept.epoch, self.name
+            frames += [text_frame(structured.history(format_id(epoch, e.seq), name, e.ts, e.sender, e.text))
+                       for e in entries]
             frames.append(self.presence_frame_locked(token))
         else:
             frames += [entry.plain for entry in entries]
@@ -296,8 +298,7 @@ class Room:
         head = prefix(sender)
         text = payload[len(head):] if payload.startswith(head) else payload
         text = text.decode(errors="replace")
-        replay = text_frame(structured.history(ident, self.name, ts, sender, text)) if kept.size else b""
-        return ident, text, kept.append(Entry(seq, ts, sender, plain, replay))
+        return ident, text, kept.append(Entry(seq, ts, sender, plain, text))
 
     def _over_locked(self, members: dict) -> list:
         """The members past their bound, with their state (BEHIND or EVICTED): a feed's segment just filled."""

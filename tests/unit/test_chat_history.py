@@ -11,8 +11,9 @@ from broadcast.chat.history import (ENTRY_OVERHEAD_BYTES, LOW_WATER_FRACTION, En
                                     HistoryBudget, water_level)
 
 EPOCH = "ep0ch_A1"
-FRAME_BYTES = 100  # each test entry: a plain and a replay frame of this many bytes
-ENTRY_BYTES = 2 * FRAME_BYTES + ENTRY_OVERHEAD_BYTES
+FRAME_BYTES = 100  # each test entry: a plain frame and a text of this many bytes
+TEXT = "r" * FRAME_BYTES
+ENTRY_BYTES = FRAME_BYTES + sys.getsizeof(TEXT) + ENTRY_OVERHEAD_BYTES
 
 
 class Clock:
@@ -34,7 +35,7 @@ def make(size=100, max_bytes=1 << 20, ttl_s=0.0, clock=None, budget=None):
 
 
 def entry(seq: int) -> Entry:
-    return Entry(seq, 1764627286.5, "Alice", b"p" * FRAME_BYTES, b"r" * FRAME_BYTES)
+    return Entry(seq, 1764627286.5, "Alice", b"p" * FRAME_BYTES, TEXT)
 
 
 def fill(history: History, count: int) -> None:
@@ -164,7 +165,7 @@ def test_every_method_asserts_the_rooms_lock_is_held():
 def test_entry_overhead_is_what_cpython_holds_for_an_entry():
     e = entry(123456)
     e.born = 1000.5
-    held = (sys.getsizeof(e) + 2 * sys.getsizeof(b"") + sys.getsizeof(e.ts) + sys.getsizeof(e.born)
+    held = (sys.getsizeof(e) + sys.getsizeof(b"") + sys.getsizeof(e.ts) + sys.getsizeof(e.born)
             + sys.getsizeof(e.seq) + 8)  # 8: its pointer in the deque
     assert ENTRY_OVERHEAD_BYTES == held
     assert e.size == ENTRY_BYTES
