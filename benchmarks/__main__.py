@@ -62,6 +62,14 @@ def _background_cpu_pct() -> float:
     return (cores * wall - idle) / wall * 100
 
 
+def _two_nodes(m: dict) -> list[str]:
+    """The checks and CPU of a 2-node Redis run beside its 1-node run (redis-latency, redis-fanout)."""
+    return [f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
+            f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)",
+            f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
+            f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%"]
+
+
 def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> str:
     parts = [f"[{elapsed:5.0f}s] {scenario:<16} {NAMES[kind]:<10} #{rep + 1}"]
     if scenario == "redis-latency":
@@ -69,20 +77,12 @@ def _progress(elapsed: float, scenario: str, kind: str, rep: int, m: dict) -> st
             f"{label} p50 {report.fmt(m[key + '_p50_ms'], '{:.2f}')} p99 {report.fmt(m[key + '_p99_ms'], '{:.2f}')} ms"
             for label, key in (("1 node no Redis", "single"), ("same node via Redis", "same_node"),
                                ("cross node", "cross_node"))))
-        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
-                     f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
-        parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
-                     f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
-        return ", ".join(parts)
+        return ", ".join(parts + _two_nodes(m))
     if scenario == "redis-fanout":
         parts.append(f"1 node {m['single_deliveries_per_s']:,.0f}, 2 nodes {m['deliveries_per_s']:,.0f} "
                      f"({m['same_node_deliveries_per_s']:,.0f} + {m['cross_node_deliveries_per_s']:,.0f}) "
                      f"deliveries/s ({m['nodes_vs_single']:.1%})")
-        parts.append(f"lost {m['lost']} undelivered {m['undelivered']} ooo {m['out_of_order']} (2 nodes), "
-                     f"{m['single_lost']} {m['single_undelivered']} {m['single_out_of_order']} (1 node)")
-        parts.append(f"cpu nodes {m['node_a_cpu_pct']:.0f}+{m['node_b_cpu_pct']:.0f}% "
-                     f"redis {m['redis_cpu_pct']:.0f}% loadgen {m['loadgen_cpu_pct']:.0f}%")
-        return ", ".join(parts)
+        return ", ".join(parts + _two_nodes(m))
     if scenario == "history-fanout":
         parts.append(f"history off {m['off_deliveries_per_s']:,.0f}, on {m['on_deliveries_per_s']:,.0f} "
                      f"deliveries/s ({m['on_vs_off']:.1%}), lost {m['off_lost']}+{m['on_lost']} "
