@@ -44,10 +44,9 @@ class Entry:
 
     ``plain`` is the very bytes object queued to plain-text clients live (a
     reference, not a copy); ``text`` is the message without its sender's
-    prefix, from which a structured joiner's ``history`` object is built
-    when one asks: building it for every message, joiner or not, cost the
-    fan-out a tenth of its rate. ``born`` is set by ``History.append`` from
-    its injected monotonic clock.
+    prefix, from which a structured joiner's ``history`` object is built as
+    it joins (the module's docstring says why). ``born`` is set by
+    ``History.append`` from its injected monotonic clock.
     """
 
     __slots__ = ("seq", "ts", "sender", "plain", "text", "born")
