@@ -293,7 +293,7 @@ class Connection:
     def accept(self) -> None:
         """Queue the 101; the room calls it under its lock, inside app.opened, inside ``lock``."""
         assert self.lock.locked()
-        self.outbox.put_control(self._response, closing=False)
+        self.outbox.put_first(self._response)
         self._response = []
 
     def _refuse_malformed_locked(self) -> None:

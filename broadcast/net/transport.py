@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from typing import Protocol
 
+from . import quick
+
 # What a reader asks for after a short read. It waits for the next bytes
 # with a 1-byte peek first: blocked in recv() it would hold a buffer of the
 # size it asked for, and 10,000 idle clients must not pin 2 KiB each.
@@ -34,7 +36,8 @@ class Transport(Protocol):
 
     The reader thread calls handshake and recv; the one
     writer that holds the outbox calls encode, finish, send_nowait and
-    shutdown_write; any thread may abort.
+    shutdown_write, and the reader calls encode and send_first for the
+    first bytes out, before any writer holds the outbox; any thread may abort.
     """
 
     peer: str
@@ -45,6 +48,7 @@ class Transport(Protocol):
     def encode(self, data: bytes) -> bytes: ...
     def finish(self) -> bytes: ...
     def send_nowait(self, data: bytes | memoryview) -> int: ...
+    def send_first(self, data: bytes) -> int: ...
     def shutdown_write(self) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
@@ -69,9 +73,15 @@ class PlainTransport:
         """Block for incoming bytes; ``b""`` means the peer is gone."""
         want = self._want
         try:
-            if want == RECV_IDLE_BYTES and not self.sock.recv(1, socket.MSG_PEEK):
-                return b""
-            data = self.sock.recv(want)
+            data = None
+            # Only the first read asks for RECV_FIRST_BYTES (later ones, for
+            # RECV_IDLE_BYTES times a power of 4): the request, if it is here.
+            if want == RECV_FIRST_BYTES and quick.AVAILABLE:
+                data = quick.recv_now(self.sock.fileno(), want)
+            if data is None:
+                if want == RECV_IDLE_BYTES and not self.sock.recv(1, socket.MSG_PEEK):
+                    return b""
+                data = self.sock.recv(want)
         except OSError:  # reset, timeout, or aborted by another thread
             return b""
         if len(data) < want:
@@ -90,6 +100,12 @@ class PlainTransport:
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Send what the kernel takes now; raise BlockingIOError if nothing."""
         return self.sock.send(data, socket.MSG_DONTWAIT)
+
+    def send_first(self, data: bytes) -> int:
+        """Send a few hundred bytes into the empty socket buffer of a new connection, keeping the GIL."""
+        if quick.AVAILABLE:
+            return quick.send_now(self.sock.fileno(), data)
+        return self.send_nowait(data)
 
     def shutdown_write(self) -> None:
         try:

@@ -50,6 +50,12 @@ class FakeTransport:
         self.sent += bytes(data[:n])
         return n
 
+    def send_first(self, data: bytes) -> int:
+        try:
+            return self.send_nowait(data)
+        except BlockingIOError:
+            return 0
+
     def shutdown_write(self) -> None:
         self.shut = True
 
@@ -64,6 +70,9 @@ class FakeWriter:
 
     def schedule(self, outbox: Outbox) -> None:
         self.scheduled.append(outbox)
+
+    def sent_first(self, nbytes: int) -> None:
+        self.sent_bytes += nbytes
 
 
 @pytest.fixture
@@ -432,3 +441,41 @@ def test_release_drops_what_is_owed_wakes_waiters_and_lets_the_writer_close():
     assert transport.sent == b""
     assert outbox.put_control([b"pong"], closing=False)  # a dead outbox takes nothing more
     assert outbox.chunks == []
+
+
+def test_a_first_response_goes_out_at_once_without_waking_the_writer():
+    outbox, transport, writer = make()
+    outbox.put_first([b"HTTP/1.1 101 ", b"Switching Protocols\r\n\r\n"])
+    assert bytes(transport.sent) == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    assert writer.scheduled == [] and not outbox.scheduled
+    assert writer.sent_bytes == len(transport.sent)
+    assert outbox.put(b"m") == QUEUED  # what follows goes the usual way
+    assert writer.scheduled == [outbox]
+
+
+def test_what_a_first_send_leaves_over_is_the_writers_and_comes_first():
+    outbox, transport, writer = make(takes=4)
+    outbox.put_first([b"response"])
+    assert bytes(transport.sent) == b"resp" and writer.scheduled == [outbox]
+    outbox.put(b"-frame")
+    transport.takes = None
+    assert outbox.flush() == FLUSHED
+    assert bytes(transport.sent) == b"response-frame"
+
+
+def test_a_first_response_behind_queued_bytes_waits_its_turn():
+    outbox, transport, writer = make()
+    outbox.put_control([b"early"], closing=False)
+    outbox.put_first([b"-late"])
+    assert transport.sent == b"" and writer.scheduled == [outbox]
+    assert outbox.flush() == FLUSHED
+    assert bytes(transport.sent) == b"early-late"
+
+
+def test_a_first_send_to_a_gone_peer_leaves_it_to_the_writer():
+    outbox, transport, writer = make()
+    transport.fail = ConnectionResetError()
+    outbox.put_first([b"response"])
+    assert writer.scheduled == [outbox] and writer.sent_bytes == 0
+    assert outbox.flush() == FLUSHED  # the writer finds the peer gone, and wakes the reader
+    assert transport.aborted
