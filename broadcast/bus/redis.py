@@ -19,13 +19,13 @@ The sender's own echo comes back on the reader thread; ``settle`` waits
 for it (bounded by ECHO_WAIT_S), so the close reply that follows a
 client's last message never passes it.
 
-Publishes are pipelined: one publisher thread takes every message queued
+Publishes are batched: one publisher thread takes every message queued
 since its last round trip and appends them all in one (streams.publish_many),
 in the order they were queued, so each sender's order and Redis's order of
 the room are kept while a burst pays one round trip, not one per message.
 A caller that passes ``refused`` does not wait for Redis: it is called back,
 from the publisher thread, for a message Redis did not take. One that does
-not waits for the answer and gets Unavailable, as before the pipeline.
+not waits for the answer and gets Unavailable, as before the batching.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ STREAM_ENTRIES = 1000
 # bytes; a sender past it waits (its connection reads no more meanwhile),
 # so a stalled Redis holds a few MiB here, not all that clients send.
 QUEUED_MAX_BYTES = 4 * 2**20
-# One round trip appends at most this many, so one pipeline's reply stays
-# small and a long queue is answered in steps.
+# One round trip appends at most this many: one script's run (Redis runs
+# nothing else meanwhile) stays short, its reply small, and a long queue is
+# answered in steps.
 PIPELINE_MAX_MSGS = 512
 # A publish that waits for its answer (no ``refused``) gives up after this:
 # a round trip takes at most COMMAND_TIMEOUT_S for the pool and as much for
-# the reply, behind at most a few full pipelines; it may still be appended.
+# the reply, behind at most a few full batches; it may still be appended.
 ANSWER_WAIT_S = 5 * COMMAND_TIMEOUT_S
 # A sender waits this long at most for room in the queue: a round trip's
 # worth of COMMAND_TIMEOUT_S, twice; still full past it, Redis is stalled.
@@ -179,7 +180,7 @@ class RedisBus:
         return mid
 
     def _publish_loop(self) -> None:
-        """Append what is queued, in order, a pipeline at a time; answer each sender; until closed and empty."""
+        """Append what is queued, in order, a batch at a time; answer each sender; until closed and empty."""
         while True:
             with self._sending:
                 self._sending.wait_for(lambda: (self._queued and not self._busy)

@@ -64,7 +64,6 @@ from typing import NamedTuple
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from broadcast.ids import MessageId, new_epoch
@@ -101,29 +100,50 @@ READ_MARGIN_S = 1.0
 RECONNECT_FIRST_S = 0.05
 RECONNECT_CAP_S = 1.0
 
-# Both scripts start here. KEYS: epoch, seq, stream; ARGV[1]: a fresh epoch.
-# An epoch is made once; a room whose epoch is gone lost its data, so its SEQ starts again.
+# Both scripts find a room's epoch with this; ARGV[1] is a fresh one, KEYS[k]
+# and KEYS[k + 1] the room's epoch and seq. An epoch is made once; a room
+# whose epoch is gone lost its data, so its SEQ starts again.
 _EPOCH = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2])
+local function room_epoch(k)
+  local epoch = redis.call('GET', KEYS[k])
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[k], epoch)
+    redis.call('DEL', KEYS[k + 1])
+  end
+  return epoch
 end
 """
-# ARGV: a fresh epoch, max entries, version, 'seq' (a message: the next SEQ)
-# or 'after' (a note: the SEQ of the last message before it), then field, value pairs.
+# KEYS: the epoch, seq and stream of each entry's room in turn. ARGV: a fresh
+# epoch, max entries, version, then for each entry 'seq' (a message: the
+# next SEQ) or 'after' (a note: the SEQ of the last message before it), its
+# number of fields, and its field, value pairs. One reply per entry,
+# {epoch, seq, stream id}, or {why} for one that Redis refused (a key of the
+# wrong type): not a transaction, so the others are appended all the same.
 _PUBLISH = _EPOCH + """
-local seq
-if ARGV[4] == 'seq' then seq = redis.call('INCR', KEYS[2]) else seq = tonumber(redis.call('GET', KEYS[2]) or '0') end
-local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
-                      'v', ARGV[3], 'epoch', epoch, ARGV[4], seq, unpack(ARGV, 5))
-return {epoch, seq, id}
+local function append(k, a, n)
+  local epoch = room_epoch(k)
+  local seq
+  if ARGV[a] == 'seq' then seq = redis.call('INCR', KEYS[k + 1]) else seq = tonumber(redis.call('GET', KEYS[k + 1]) or '0') end
+  local entry = {'v', ARGV[3], 'epoch', epoch, ARGV[a], seq}
+  for i = a + 2, a + 1 + 2 * n do entry[#entry + 1] = ARGV[i] end
+  return {epoch, seq, redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))}
+end
+local replies, a = {}, 4
+for k = 1, #KEYS, 3 do
+  local n = tonumber(ARGV[a + 1])
+  local ok, reply = pcall(append, k, a, n)
+  if not ok then reply = {type(reply) == 'table' and reply.err or tostring(reply)} end
+  replies[#replies + 1] = reply
+  a = a + 2 + 2 * n
+end
+return replies
 """
 # ARGV: a fresh epoch, how many messages at most, and '' (the last ones) or a
 # SEQ (only those after it). Newest first, notes left out; the newest stream
 # id comes back even when no entry is asked for, as the reader's cursor.
 _READ = _EPOCH + """
+local epoch = room_epoch(1)
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local n = tonumber(ARGV[2])
 if ARGV[3] ~= '' then n = math.max(0, math.min(n, last - tonumber(ARGV[3]))) end
@@ -349,32 +369,24 @@ class StreamsBus:
     def publish_many(self, items: list[tuple[str, Mapping[str, bytes | str], bool]]) -> list[MessageId | Unavailable]:
         """Append each ``(room, fields, message)``, in this order, in one round trip; each one's id or why not.
 
-        Redis runs a pipeline's commands in the order sent, each append its
-        own script as in ``publish``, so a burst costs one round trip and
-        keeps its order. Not a transaction: one append refused (a key of
-        the wrong type) does not refuse the others. Unavailable, for all
-        of them, if Redis does not answer.
+        One script appends them all, in order, so a burst costs one round
+        trip and keeps its order. Not a transaction: one append refused (a
+        key of the wrong type) does not refuse the others. Unavailable, for
+        all of them, if Redis does not answer.
         """
-        commands = []
+        keys, args = [], [new_epoch(), self.max_entries, ENVELOPE_VERSION]
         for room, fields, message in items:
-            args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, "seq" if message else "after"]
+            keys += self._room_keys(room)
+            args += ("seq" if message else "after", len(fields))
             for name, value in fields.items():
                 args += (name, value)
-            commands.append((self._room_keys(room), args))
-        replies = self._pipelined(commands)
-        if any(isinstance(r, NoScriptError) for r in replies):  # a restarted Redis lost its scripts
-            self._call(self._client.script_load, _PUBLISH)  # a missing script ran nothing: send them again
-            again = iter(self._pipelined([c for c, r in zip(commands, replies) if isinstance(r, NoScriptError)]))
-            replies = [next(again) if isinstance(r, NoScriptError) else r for r in replies]
-        return [Unavailable(f"redis {self.url}: {r}") if isinstance(r, Exception) else MessageId(r[0].decode(), r[1])
+        # One script for the whole burst (the library loads it again if a
+        # restarted Redis lost it: a missing script ran nothing): a pipeline
+        # of one script per entry cost the publishing node most of its time
+        # in redis-py, packing and parsing each command.
+        replies = self._call(self._publish, keys=keys, args=args)
+        return [MessageId(r[0].decode(), r[1]) if len(r) == 3 else Unavailable(f"redis {self.url}: {r[0].decode()}")
                 for r in replies]
-
-    def _pipelined(self, commands: list[tuple[list, list]]) -> list:
-        """The publish script's replies, or the errors Redis gave, one per command; Unavailable if no answer."""
-        pipe = self._client.pipeline(transaction=False)
-        for keys, args in commands:
-            pipe.evalsha(self._publish.sha, len(keys), *keys, *args)
-        return self._call(pipe.execute, raise_on_error=False)
 
     def follow(self, room: str, history: int) -> Replay:
         """Start delivering ``room`` after its last ``history`` entries, which come back here.

@@ -435,6 +435,17 @@ def test_publish_many_appends_a_burst_in_order_and_again_once_redis_lost_its_scr
     assert texts(a.entries()[100:]) == [b"after flush"]
 
 
+
+def test_an_append_redis_refuses_in_a_burst_refuses_that_one_alone(redis_server, nodes):
+    a, b = nodes("a"), nodes("b")
+    a.bus.follow("room", 0)
+    redis_server.admin.set(b.bus._room_key("broken", "stream"), "not a stream")
+    answers = b.bus.publish_many([("room", {"text": "before"}, True), ("broken", {"text": "lost"}, True),
+                                  ("room", {"text": "after"}, True)])
+    assert isinstance(answers[1], streams.Unavailable) and "WRONGTYPE" in str(answers[1])
+    got = a.wait_entries(2)
+    assert texts(got) == [b"before", b"after"] and [e.id for e in got] == [answers[0], answers[2]]
+
 class Room:
     """What a bus delivers into (chat.rooms.Room's part of it): every message, in arrival order."""
 
