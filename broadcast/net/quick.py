@@ -49,22 +49,20 @@ AVAILABLE = _LIBC is not None
 def recv_now(fd: int, size: int) -> bytes | None:
     """What the socket holds now, up to ``size``; ``b""`` at end of stream, None if nothing yet."""
     buffer = ctypes.create_string_buffer(size)
-    n = _LIBC.recv(fd, buffer, size, _FLAGS)
-    if n < 0:
-        code = ctypes.get_errno()
-        if code in _WOULD_BLOCK:
-            return None
-        raise OSError(code, os.strerror(code))
-    return buffer.raw[:n]
+    n = _done(_LIBC.recv(fd, buffer, size, _FLAGS))
+    return None if n is None else buffer.raw[:n]
 
 
 def send_now(fd: int, data: bytes) -> int:
     """Send what the socket takes now (0 if nothing); raises OSError if the peer is gone."""
-    n = _LIBC.send(fd, data, len(data), _FLAGS)
-    if n < 0:
-        code = ctypes.get_errno()
-        if code in _WOULD_BLOCK:
-            return 0
-        raise OSError(code, os.strerror(code))
-    return n
+    return _done(_LIBC.send(fd, data, len(data), _FLAGS)) or 0
 
+
+def _done(n: int) -> int | None:
+    """A call's byte count; None if it would have had to wait; OSError for any other failure."""
+    if n >= 0:
+        return n
+    code = ctypes.get_errno()
+    if code in _WOULD_BLOCK:
+        return None
+    raise OSError(code, os.strerror(code))

@@ -435,7 +435,6 @@ def test_publish_many_appends_a_burst_in_order_and_again_once_redis_lost_its_scr
     assert texts(a.entries()[100:]) == [b"after flush"]
 
 
-
 def test_an_append_redis_refuses_in_a_burst_refuses_that_one_alone(redis_server, nodes):
     a, b = nodes("a"), nodes("b")
     a.bus.follow("room", 0)
@@ -445,6 +444,7 @@ def test_an_append_redis_refuses_in_a_burst_refuses_that_one_alone(redis_server,
     assert isinstance(answers[1], streams.Unavailable) and "WRONGTYPE" in str(answers[1])
     got = a.wait_entries(2)
     assert texts(got) == [b"before", b"after"] and [e.id for e in got] == [answers[0], answers[2]]
+
 
 class Room:
     """What a bus delivers into (chat.rooms.Room's part of it): every message, in arrival order."""
