@@ -169,10 +169,11 @@ class Connection:
         finally:
             self._leave()
             self._let_go()
-            # What the client is still owed (a close frame, the echo of its
-            # last message) goes out before the socket does, within bounds.
-            self.outbox.drain(CLOSE_TIMEOUT_S)
-            self.outbox.release()
+            if not self.outbox.hang_up():
+                # What the client is still owed (a close frame, the echo of its
+                # last message) goes out before the socket does, within bounds.
+                self.outbox.drain(CLOSE_TIMEOUT_S)
+                self.outbox.release()
             self._listener.forget(self)
 
     def _open(self) -> list[Frame] | None:
@@ -499,8 +500,14 @@ class Connection:
         self.transport.abort()
 
     def drop(self, why: str) -> None:
-        """Abort and log the departure now, not when the reader wakes: the process is exiting."""
-        self.abort(why)
+        """Log the departure now, for ``why``: the process is exiting, and its exit closes the socket.
+
+        The reader is left asleep: waking thousands of them at once, to be
+        told what the exit does anyway, cost seconds past the deadline.
+        """
+        with self.lock:
+            self.why = why
+            self.close_code, self.close_class = CloseCode.ABNORMAL_CLOSURE, _CLOSE_CLASSES.get(why, "server")
         self._leave()
 
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:

@@ -315,6 +315,40 @@ class Outbox:
             drained = self.drained
         drained.wait(timeout)
 
+    def hang_up(self) -> bool:
+        """The reader's last step, once all that is owed is sent: shut the socket from its thread.
+
+        Leaving the half-close and the close to the writer cost a disconnect
+        two hand-offs to it and one back, each of the GIL, and a shutdown of
+        thousands of clients waited on them. With nothing left to send, no
+        writer holds the socket (only one that still has bytes parks it in
+        epoll), so closing it here races with nobody; a writer that still
+        has the outbox queued finds it dead and closes nothing twice.
+        Returns False if something is still owed (TLS's close_notify
+        included): then ``drain`` and ``release``, as before.
+        """
+        with self.lock:
+            if self.dead or self.chunks or self.head or (self.feed is not None and self._more_locked()):
+                return False
+            half_close = self.eof or self.half_close
+            if self.eof:
+                self.eof = False
+                tail = self.transport.finish()
+                if tail:
+                    self.head, self.half_close = tail, True
+                    if not self.scheduled:
+                        self.scheduled = True
+                        self.writer.schedule(self)
+                    return False
+            self.dead = self.closing = True
+            self.half_close = False
+            self._detach_locked()
+            self._catch_up_locked()
+        if half_close:
+            self.transport.shutdown_write()
+        self.transport.close()
+        return True
+
     def release(self) -> None:
         """The reader is done: drop what is owed and let the writer close."""
         with self.lock:

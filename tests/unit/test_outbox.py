@@ -32,12 +32,14 @@ class FakeTransport:
         self.during_send = None  # called inside send_nowait, as if another thread ran then
         self.shut = False
         self.aborted = False
+        self.closed = False
+        self.notify = b""  # what finish() owes before the half-close (TLS's close_notify)
 
     def encode(self, data: bytes) -> bytes:
         return data
 
     def finish(self) -> bytes:
-        return b""
+        return self.notify
 
     def send_nowait(self, data) -> int:
         if self.during_send is not None:
@@ -61,6 +63,9 @@ class FakeTransport:
 
     def abort(self) -> None:
         self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeWriter:
@@ -405,6 +410,37 @@ def test_drain_waits_until_the_writer_has_sent_everything():
     assert outbox.flush() == FLUSHED
     assert done.wait(WAIT_S)
     assert transport.sent == b"owed"
+
+
+def test_hang_up_once_all_is_sent_half_closes_and_closes_from_the_calling_thread():
+    outbox, transport, _ = make()
+    outbox.put(b"last")
+    assert outbox.put_control([b"close"], closing=True)
+    assert outbox.flush() == FLUSHED
+    assert outbox.put_control([b""], closing=True)  # the server hangs up first: queued for the writer
+    assert outbox.hang_up()
+    assert transport.sent == b"lastclose" and transport.shut and transport.closed
+    assert outbox.flush() == GONE  # the writer that still had it queued finds it dead
+
+
+def test_hang_up_with_bytes_still_owed_leaves_them_and_the_socket_to_the_writer():
+    outbox, transport, _ = make()
+    outbox.put(b"owed")
+    assert not outbox.hang_up()
+    assert not transport.closed and not transport.shut
+    assert outbox.flush() == FLUSHED
+    assert transport.sent == b"owed"
+
+
+def test_hang_up_leaves_what_the_transport_owes_before_its_half_close_to_the_writer():
+    outbox, transport, writer = make()
+    transport.notify = b"close_notify"
+    assert outbox.put_control([b""], closing=True)
+    assert not outbox.hang_up()
+    assert writer.scheduled == [outbox] and not transport.closed
+    while outbox.flush() == AGAIN:
+        pass
+    assert transport.sent == b"close_notify" and transport.shut
 
 
 def test_drain_of_an_idle_outbox_returns_at_once():
