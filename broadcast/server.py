@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NoReturn
 
 from . import __version__, logs, web
 from .bus.local import LocalBus
@@ -166,9 +167,22 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the server until a signal; the process ends here, with the code ``_serve`` returns.
+
+    It ends with ``os._exit``, once stderr is flushed: finalizing
+    the interpreter would free every connection's objects one by one, for
+    the exit to drop them anyway (1.6 s after 19,000 clients).
+    """
     config = parse_server_args(argv)
     logs.setup(config.log_level, config.log_format)
+    code = _serve(config)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(config: ServerConfig) -> int:
     # websockets logs every open and close at INFO; ours already does, once.
     WIRE_LOG.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     for warning in config.config_warnings:

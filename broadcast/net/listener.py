@@ -48,6 +48,15 @@ FD_RESERVE = 64
 # Connections still in their opening handshake may take at most this share
 # of the descriptors, so that they can never crowd out joined clients.
 OPENING_FD_SHARE = 4
+# At shutdown, closing handshakes in flight at once. All at once, thousands
+# of readers woke together to the clients' replies and fought over the GIL:
+# 19,000 clients took 21 s against a 5 s --shutdown-timeout, and 31 of them
+# closed cleanly. In waves of this size the same machine closes about 2,500
+# a second.
+SHUTDOWN_WAVE = 128
+# Longest a wave waits for room: clients that never answer a close frame
+# (they are cut at CLOSE_TIMEOUT_S) must not hold back everyone else's.
+SHUTDOWN_WAVE_WAIT_S = 0.05
 
 
 class Listener:
@@ -109,8 +118,7 @@ class Listener:
             pass
         self._socket.close()
         log.info("shutting down: closing %d connection(s)", len(conns))
-        for conn in conns:
-            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        self._close_in_waves(conns, deadline)
         with self._lock:
             self._lock.wait_for(lambda: not self._conns, deadline - time.monotonic())
             left = tuple(self._conns)
@@ -118,6 +126,29 @@ class Listener:
             conn.drop("shutdown timeout")
         if left:
             log.warning("shutdown timeout: dropped %d connection(s)", len(left))
+
+    def _close_in_waves(self, conns: tuple[Connection, ...], deadline: float) -> None:
+        """Close ``conns`` with 1001, about SHUTDOWN_WAVE in flight at a time, until ``deadline``.
+
+        No connection is added once stopping, so those of ``conns`` still
+        here are ``len(_conns)``: in flight are the started ones among them.
+        A wave that finds no room within SHUTDOWN_WAVE_WAIT_S starts anyway:
+        what holds the room then is clients that do not answer, and they
+        wake no reader.
+        """
+        started = 0
+        while started < len(conns):
+            with self._lock:
+                def in_flight() -> int:
+                    return started - (len(conns) - len(self._conns))
+                wait = min(SHUTDOWN_WAVE_WAIT_S, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                roomy = self._lock.wait_for(lambda: in_flight() < SHUTDOWN_WAVE, wait)
+                room = SHUTDOWN_WAVE - in_flight() if roomy else SHUTDOWN_WAVE
+            for conn in conns[started:started + room]:
+                conn.close(CloseCode.GOING_AWAY, "server shutting down")
+            started += room
 
     # Acceptor thread.
 
