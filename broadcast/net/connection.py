@@ -494,10 +494,14 @@ class Connection:
 
     def abort(self, why: str) -> None:
         """Hang up with no closing handshake, for ``why``."""
+        self._ended_without_close(why)
+        self.transport.abort()
+
+    def _ended_without_close(self, why: str) -> None:
+        """Record ``why`` the connection ends with no close frame exchanged (1006), for its disconnect line."""
         with self.lock:
             self.why = why
             self.close_code, self.close_class = CloseCode.ABNORMAL_CLOSURE, _CLOSE_CLASSES.get(why, "server")
-        self.transport.abort()
 
     def drop(self, why: str) -> None:
         """Log the departure now, for ``why``: the process is exiting, and its exit closes the socket.
@@ -505,9 +509,7 @@ class Connection:
         The reader is left asleep: waking thousands of them at once, to be
         told what the exit does anyway, cost seconds past the deadline.
         """
-        with self.lock:
-            self.why = why
-            self.close_code, self.close_class = CloseCode.ABNORMAL_CLOSURE, _CLOSE_CLASSES.get(why, "server")
+        self._ended_without_close(why)
         self._leave()
 
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:

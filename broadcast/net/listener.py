@@ -137,10 +137,13 @@ class Listener:
         wake no reader.
         """
         started = 0
+
+        def in_flight() -> int:
+            assert self._lock._is_owned()
+            return started - (len(conns) - len(self._conns))
+
         while started < len(conns):
             with self._lock:
-                def in_flight() -> int:
-                    return started - (len(conns) - len(self._conns))
                 wait = min(SHUTDOWN_WAVE_WAIT_S, deadline - time.monotonic())
                 if wait <= 0:
                     return
