@@ -313,8 +313,13 @@ class StreamsBus:
         return "ok" if self._reading else "reconnecting"
 
     def check(self) -> None:
-        """Raise Unavailable unless Redis answers now (at start, before taking clients)."""
-        self._call(self._client.ping)
+        """Raise Unavailable unless Redis answers now (at start, before taking clients).
+
+        The check is the node's first heartbeat: a node is alive to the
+        others before its first client joins, not only once the presence
+        writer or the heartbeat gets to it.
+        """
+        self._call(self._client.set, self._node_key, b"1", px=self.presence_ttl_ms)
 
     def start(self) -> None:
         self._reader.start()
