@@ -89,7 +89,9 @@ class ChatApp:
         session = member.session
         session.member = member
         session.structured = member.subprotocol == structured.SUBPROTOCOL
-        online = session.room.join(member, session.structured, session.history, session.since, session.token)
+        announcing = session.username if session.replaces is None else None  # as ``ready`` does
+        online = session.room.join(member, session.structured, session.history, session.since, session.token,
+                                   announcing)
         log.info("connect %s (%d online), room %s", member.label, online, session.room.name,
                  extra={"event": "connect", "peer": member.peer, "user": session.username,
                         "room": session.room.name, "online": online})

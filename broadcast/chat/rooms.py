@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,6 +103,12 @@ class Room:
         self._budget = budget
         self.history = self._new_history(new_epoch(), 0)
         self.presence = Presence(name, settings.allow_duplicate_names)  # keyed by the chat's sessions
+        # On one node, the names the room's order has announced: joins less
+        # leaves, as delivered (a duplicate name counts once per holder). A
+        # presence lists these, not the seats, so that it and the notices
+        # after it add up: a name is seated at admission, before its join
+        # notice, and a joiner told of it by both would count it twice.
+        self._heard: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._plain) + len(self._structured)
@@ -127,18 +134,19 @@ class Room:
             self._keep_locked(seq, ts, sender, payload, plain)
 
     def join(self, member, structured_: bool, history: int | None, since: MessageId | None,
-             token: str | None = None) -> int:
+             token: str | None = None, joining: str | None = None) -> int:
         """Add ``member``, whose 101 and catch-up are queued (``accept``) before any broadcast can reach it.
 
         ``history``: how many past messages to replay (None: all for a
         structured member, none for a plain one); ``since``: the last id the
         client saw, to recover from; ``token``: its session token, for its
-        presence object alone (structured only).
+        presence object alone (structured only); ``joining``: the name its
+        own join notice, which skips it, is about to announce.
         """
         with self.lock:
             member.accept()
             evicted = False
-            for frame in self._catch_up_locked(structured_, history, since, token):
+            for frame in self._catch_up_locked(structured_, history, since, token, joining):
                 if member.send(frame) == EVICTED:
                     evicted = True
                     break
@@ -154,7 +162,7 @@ class Room:
         return online
 
     def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None,
-                         token: str | None) -> list[bytes]:
+                         token: str | None, joining: str | None) -> list[bytes]:
         """What a joiner is owed before anything live: (gap,) history, then presence (structured only)."""
         assert self.lock.locked()
         kept = self.history
@@ -181,15 +189,29 @@ class Room:
             epoch, name = kept.epoch, self.name
             frames += [text_frame(structured.history(format_id(epoch, e.seq), name, e.ts, e.sender, e.text))
                        for e in entries]
-            frames.append(self.presence_frame_locked(token))
+            frames.append(self.presence_frame_locked(token, joining))
         else:
             frames += [entry.plain for entry in entries]
         return frames
 
-    def presence_frame_locked(self, token: str | None = None) -> bytes:
-        """A presence object for one member; ``token`` only in the joiner's own (never shared)."""
+    def presence_frame_locked(self, token: str | None = None, joining: str | None = None) -> bytes:
+        """A presence object for one member; ``token`` only in the joiner's own (never shared).
+
+        It is where the member stands in the room's order: with the join and
+        leave notices it gets after it, it adds up to who is here. ``joining``
+        is the member's own name, whose notice it will not get.
+        """
         assert self.lock.locked()
-        users, anonymous = self.who_locked()
+        if self.feed is None:
+            users = list(self._heard.elements())
+            if joining is not None:
+                users.append(joining)
+            users.sort()
+            anonymous = self.presence.anonymous
+        else:
+            # Across nodes the names come from Redis's keys, which the
+            # stream's notices do not bound: the two agree once both land.
+            users, anonymous = self.who_locked()
         return text_frame(structured.presence(self.history.last_id, self.name, time.time(), users, anonymous,
                                               token))
 
@@ -275,6 +297,8 @@ class Room:
                         if self._structured else b""
                 else:
                     shared = text_frame(_NOTICES[kind](self.history.last_id, self.name, ts, sender))
+                    if self.feed is None:
+                        self._hear_locked(kind, sender)
             over = []
             if self._plain and self._plain_feed.append(plain, skip):
                 over += self._over_locked(self._plain)
@@ -288,6 +312,17 @@ class Room:
                 member.evict()
         if over_budget:
             self._budget.enforce()
+
+    def _hear_locked(self, kind: str, name: str) -> None:
+        """Count a join or leave notice of ``name`` as it takes its place in the order."""
+        assert self.lock.locked()
+        heard = self._heard
+        if kind == JOIN:
+            heard[name] += 1
+        elif heard[name] > 1:
+            heard[name] -= 1
+        else:
+            del heard[name]
 
     def _keep_locked(self, seq: int, ts: float, sender: str | None, payload: bytes,
                      plain: bytes) -> tuple[str, str, bool]:

@@ -283,7 +283,7 @@ def test_presence_on_request_and_over_http(start_server):
             ws_connect(url_for(server, path="/ws/den?token=s3cret")), \
             ws_connect(url_for(server, path="/ws?token=s3cret")):
         wait_joined(server, 4)
-        until(zed, "presence")
+        until(zed, "join")  # its own presence, then amy's join: a presence is where it stands in the order
         zed.send('{"kind":"presence"}')
         presence = until(zed, "presence")[-1]
         assert (presence["users"], presence["anonymous"], presence["room"]) == (["amy", "zed"], 1, "den")

@@ -9,7 +9,7 @@ from websockets.frames import Frame, Opcode
 
 from broadcast.ids import MessageId
 from broadcast.chat.presence import NameTaken
-from broadcast.chat.rooms import JOIN, Rooms, RoomSettings
+from broadcast.chat.rooms import JOIN, LEAVE, Rooms, RoomSettings
 from broadcast.net.app import Refused
 from broadcast.net.outbox import Outbox
 from support.fakes import FakeTime
@@ -59,10 +59,53 @@ def decoded(member: Member) -> list[dict]:
 
 
 def joined(rooms: Rooms, name: str, id: int, structured: bool, username=None, history=None, since=None):
+    """Seated and joined, its join notice not yet out (as between ChatApp.opened and ChatApp.ready)."""
     member, session = Member(id), object()
     room, _ = rooms.seat(name, session, username, None)
-    room.join(member, structured, history, since)
+    room.join(member, structured, history, since, joining=username)
     return room, member, session
+
+
+def users(member: Member) -> list[str]:
+    """The names in the last presence ``member`` got, counted up with the notices it got after it."""
+    names: list[str] = []
+    for obj in decoded(member):
+        if obj["kind"] == "presence":
+            names = list(obj["users"])
+        elif obj["kind"] == "join":
+            names.append(obj["from"])
+        elif obj["kind"] == "leave":
+            names.remove(obj["from"])
+    return sorted(names)
+
+
+def test_a_name_seated_before_its_notice_is_counted_once_by_a_joiner_in_between():
+    rooms = Rooms()
+    room, ann, ann_session = joined(rooms, "r", 1, True, username="Ann")
+    assert users(ann) == ["Ann"]  # its own presence lists it; its own notice skips it
+    _, bo, _ = joined(rooms, "r", 2, True, username="Bo")  # Ann's notice is not out yet
+    room.deliver(Opcode.TEXT, b"* Ann joined", skip=1, sender="Ann", kind=JOIN)
+    room.deliver(Opcode.TEXT, b"* Bo joined", skip=2, sender="Bo", kind=JOIN)
+    assert users(bo) == users(ann) == ["Ann", "Bo"]
+    room.leave(ann, ann_session)  # gone from the room; its leave notice not out yet
+    _, cy, _ = joined(rooms, "r", 3, True)
+    assert users(cy) == ["Ann", "Bo"]
+    room.deliver(Opcode.TEXT, b"* Ann left", sender="Ann", kind=LEAVE)
+    assert users(cy) == users(bo) == ["Bo"]
+    assert [o["kind"] for o in decoded(cy)] == ["presence", "leave"]
+
+
+def test_a_duplicate_name_is_counted_once_per_holder_until_each_leaves():
+    rooms = Rooms(RoomSettings(allow_duplicate_names=True))
+    room, one, _ = joined(rooms, "r", 1, True, username="twin")
+    room.deliver(Opcode.TEXT, b"* twin joined", skip=1, sender="twin", kind=JOIN)
+    _, two, two_session = joined(rooms, "r", 2, True, username="twin")
+    room.deliver(Opcode.TEXT, b"* twin joined", skip=2, sender="twin", kind=JOIN)
+    room.leave(two, two_session)
+    _, late, _ = joined(rooms, "r", 3, True)  # before the leave notice is out
+    assert users(late) == ["twin", "twin"]
+    room.deliver(Opcode.TEXT, b"* twin left", sender="twin", kind=LEAVE)
+    assert users(one) == users(late) == ["twin"]
 
 
 def test_a_message_is_encoded_once_per_protocol_and_shared_by_every_member():
@@ -106,6 +149,7 @@ def test_a_notice_carries_the_last_message_id_and_skips_the_joiner():
 def test_a_joiner_is_accepted_then_gets_history_then_presence_before_anything_live():
     rooms = Rooms(RoomSettings(history_size=3))
     room, _, _ = joined(rooms, "r", 1, False, username="Ann")
+    room.deliver(Opcode.TEXT, b"* Ann joined", skip=1, sender="Ann", kind=JOIN)
     for i in range(5):
         room.deliver(Opcode.TEXT, f"[Ann] m{i}".encode(), sender="Ann")
     _, late, _ = joined(rooms, "r", 2, True)
