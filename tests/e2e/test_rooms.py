@@ -16,9 +16,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from support.process import wait_connections, wait_joined
-from support.rawws import (OP_TEXT, Frame, RawWS, handshake_request, open_socket,
+from support.rawws import (OP_PONG, OP_TEXT, Frame, RawWS, handshake_request, open_socket,
                            read_http_response)
-from support.wsclients import Closed, expect_silence, http_get, recv, recv_n, url_for, ws_connect, wsc_connect
+from support.wsclients import (Closed, expect_silence, http_get, recv, recv_n, url_for, ws_connect, ws_joined,
+                               wsc_connect)
 
 WAIT = 10.0  # any one expected message or state
 V1 = ["broadcast.v1"]
@@ -174,20 +175,23 @@ def test_a_plain_client_of_the_go_original_gets_todays_bytes_beside_a_structured
         response = read_http_response(sock, WAIT)
         assert response.status == 101
         assert "sec-websocket-protocol" not in response.headers
-        with RawWS(sock, response.rest) as alice, structured(server, username="Bob") as bob:
-            objects(bob, 2)  # its history and presence
-            assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"* Bob joined")
-            assert objects(old, 2)[1]["kind"] == "join"  # Alice's, then Bob's
-            alice.send_text("hi")
-            assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"[Alice] hi")
-            said = objects(bob, 1)[0]
-            assert (said["kind"], said["from"], said["text"], said["room"]) == ("message", "Alice", "hi", "lobby")
-            assert objects(old, 1)[0]["text"] == "hi"
-            bob.send(b"\x00\xffbinary")
-            assert alice.recv_frame(WAIT) == Frame(True, 0, 0x2, b"\x00\xffbinary")
-            assert recv(old, WAIT) == b"\x00\xffbinary"  # binary is binary to both
-            bob.send('{"kind":"message","text":"from json"}')
-            assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"[Bob] from json")
+        with RawWS(sock, response.rest) as alice:
+            alice.ping(b"joined?")  # answered once "* Alice joined" is out, before Bob comes
+            assert alice.recv_frame(WAIT) == Frame(True, 0, OP_PONG, b"joined?")
+            with structured(server, username="Bob") as bob:
+                objects(bob, 2)  # its history and presence
+                assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"* Bob joined")
+                assert objects(old, 2)[1]["kind"] == "join"  # Alice's, then Bob's
+                alice.send_text("hi")
+                assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"[Alice] hi")
+                said = objects(bob, 1)[0]
+                assert (said["kind"], said["from"], said["text"], said["room"]) == ("message", "Alice", "hi", "lobby")
+                assert objects(old, 1)[0]["text"] == "hi"
+                bob.send(b"\x00\xffbinary")
+                assert alice.recv_frame(WAIT) == Frame(True, 0, 0x2, b"\x00\xffbinary")
+                assert recv(old, WAIT) == b"\x00\xffbinary"  # binary is binary to both
+                bob.send('{"kind":"message","text":"from json"}')
+                assert alice.recv_frame(WAIT) == Frame(True, 0, OP_TEXT, b"[Bob] from json")
 
 
 def test_a_plain_client_gets_history_only_when_it_asks(server):
@@ -334,8 +338,11 @@ def test_duplicate_names_are_allowed_when_the_operator_says_so(start_server):
 
 
 def test_a_structured_joiner_alone_gets_its_session_token_and_resumes_with_it(server):
-    with ws_connect(url_for(server, "Carol", "/ws/keys")) as carol, \
-            structured(server, "/ws/keys", "Alice") as alice, structured(server, "/ws/keys") as anon:
+    # Each named joiner's notice is out before the next client comes: else
+    # Alice could hear "Carol joined" after her presence, and Carol hear Bob's before Alice's.
+    with ws_joined(url_for(server, "Carol", "/ws/keys")) as carol, \
+            ws_joined(url_for(server, "Alice", "/ws/keys"), subprotocols=V1) as alice, \
+            structured(server, "/ws/keys") as anon:
         token = until(alice, "presence")[-1]["session"]
         assert token == alice.response.headers["Broadcast-Session"]
         others = until(anon, "presence")
