@@ -20,8 +20,8 @@ joined          | reader writes; ticker reads                       | lock for w
                 |                                                   | unlocked read is at most a tick stale
 session, label, | reader writes once, before the member is shared;  | lock (written once)
 subprotocol     | any reads after                                   |
-why,            | reader, ticker, shutdown, evicting publishers     | lock for writes; a read without it
-close_code,     |                                                   | sees one whole string or another
+why,            | reader, ticker (open timeout), shutdown,          | lock for writes; a read without it
+close_code,     | evicting publishers                               | sees one whole string or another
 close_class     |                                                   |
 _ping           | reader (pong) and ticker (ping) write             | lock for writes; the ticker's
                 |                                                   | unlocked read is at most a tick stale
@@ -75,6 +75,10 @@ EVICT_GRACE_S = 1.0
 MAX_HANDSHAKE_BYTES = 64 * 1024
 # Why a connection ended when nothing more precise is known: the peer went away.
 CONNECTION_LOST = "connection lost"
+# The refusal lines of a connection cut before any answer: the ticker's
+# --open-timeout, and a TLS handshake that failed (or that it cut short).
+OPEN_TIMED_OUT = "opening handshake timed out"
+TLS_FAILED = "TLS handshake failed or timed out"
 # A connection that lets go of this much of an unfinished message (it left,
 # or was refused) asks the allocator to return free memory to the OS: glibc
 # keeps freed heap, so 500 such leavers would leave us hundreds of MiB bigger.
@@ -183,13 +187,17 @@ class Connection:
         (they are parsed with it), or None if the connection did not open.
         """
         if not self.transport.handshake():
-            log.info("refused %s: TLS handshake failed or timed out", self.peer)
+            log.info("refused %s: %s", self.peer, TLS_FAILED,
+                     extra={"event": "refused", "peer": self.peer, "reason": TLS_FAILED})
             return None
         received = 0
         request = None
         while request is None:
             data = self.transport.recv()
             if not data:
+                if self.why is OPEN_TIMED_OUT:  # the ticker's, not a client that went away
+                    log.info("refused %s: %s", self.peer, OPEN_TIMED_OUT,
+                             extra={"event": "refused", "peer": self.peer, "reason": OPEN_TIMED_OUT})
                 return None
             self._meter.received(len(data))
             received += len(data)
@@ -515,6 +523,8 @@ class Connection:
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
         """Enforce deadlines; called by the ticker thread."""
         if self._open_by is not None and now >= self._open_by:
+            with self.lock:
+                self.why = OPEN_TIMED_OUT  # for the reader's refusal line
             self.transport.abort()  # the opening handshake ran out of time, wherever it is
             return
         if self._close_by is not None:

@@ -205,6 +205,8 @@ def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
     """
     pid = abuse_server.proc.pid
     baseline = settled_stats(pid)
+    timed_out = r"refused 127\.0\.0\.1:\d+: opening handshake timed out"
+    before = len(re.findall(timed_out, abuse_server.log))  # the module's earlier tests' own
     head = handshake_request(abuse_server.port)[:-2] + b"X-Slow: " + b"z" * 1000
     socks = [open_socket(abuse_server.port) for _ in range(5)]
     started = time.monotonic()
@@ -232,6 +234,7 @@ def test_trickled_handshake_dropped_at_open_timeout(abuse_server, watcher):
         f"{len(socks) - len(dropped)} trickling connection(s) still open {limit:.1f}s after connecting "
         f"(--open-timeout {OPEN_TIMEOUT})")
     assert max(dropped.values()) <= limit
+    abuse_server.wait_for_log(timed_out, WAIT, count=before + len(socks))  # a refusal line each
     assert_chat_works(abuse_server.url, watcher, server=abuse_server)
     wait_baseline(pid, baseline, timeout=WAIT)
 
