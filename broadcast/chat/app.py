@@ -21,8 +21,9 @@ from websockets.frames import Opcode
 from ..net.app import Admit, Member, Refused, request_target
 from . import admission, structured
 from ..ids import MessageId
+from .history import prefix
 from .presence import REPLACED_CODE, REPLACED_REASON, NameTaken
-from .rooms import JOIN, LEAVE, Room, Rooms, prefix, text_frame
+from .rooms import JOIN, LEAVE, Room, Rooms, text_frame
 
 log = logging.getLogger(__name__)
 

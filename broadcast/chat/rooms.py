@@ -33,7 +33,7 @@ from websockets.frames import Frame, Opcode
 
 from ..net.app import EVICTED, Feed, Refused
 from . import structured
-from .history import Entry, History, HistoryBudget
+from .history import Entry, History, HistoryBudget, text_of
 from ..ids import MessageId, format_id, new_epoch
 from .names import DEFAULT_ROOM
 from .presence import NameTaken, Presence, Seated
@@ -64,11 +64,6 @@ def _frame(opcode: Opcode, payload: bytes) -> bytes:
 def text_frame(text: str) -> bytes:
     """One structured object as the frame a member is sent."""
     return _frame(_TEXT, text.encode())
-
-
-def prefix(name: str | None) -> bytes:
-    """What the plain protocol puts before a named client's text; the room strips it for the structured one."""
-    return f"[{name}] ".encode() if name is not None else b""
 
 
 @dataclass(frozen=True)
@@ -290,10 +285,11 @@ class Room:
                         self._restart_history_locked(id.epoch, id.seq - 1)
                     seq = self.history.next_seq if id is None else id.seq
                     try:
-                        ident, text, over_budget = self._keep_locked(seq, ts, sender, payload, plain)
+                        over_budget = self._keep_locked(seq, ts, sender, payload, plain)
                     except ValueError:
                         return
-                    shared = text_frame(structured.message(ident, self.name, ts, sender, text)) \
+                    shared = text_frame(structured.message(format_id(self.history.epoch, seq), self.name, ts,
+                                                           sender, text_of(payload, sender))) \
                         if self._structured else b""
                 else:
                     shared = text_frame(_NOTICES[kind](self.history.last_id, self.name, ts, sender))
@@ -324,16 +320,10 @@ class Room:
         else:
             del heard[name]
 
-    def _keep_locked(self, seq: int, ts: float, sender: str | None, payload: bytes,
-                     plain: bytes) -> tuple[str, str, bool]:
-        """Keep text message ``seq``: its id, its text, and True if the node is over its history budget."""
+    def _keep_locked(self, seq: int, ts: float, sender: str | None, payload: bytes, plain: bytes) -> bool:
+        """Keep text message ``seq``; True if the node is over its history budget."""
         assert self.lock.locked()
-        kept = self.history
-        ident = format_id(kept.epoch, seq)
-        head = prefix(sender)
-        text = payload[len(head):] if payload.startswith(head) else payload
-        text = text.decode(errors="replace")
-        return ident, text, kept.append(Entry(seq, ts, sender, plain, text))
+        return self.history.append(Entry(seq, ts, sender, plain, payload))
 
     def _over_locked(self, members: dict) -> list:
         """The members past their bound, with their state (BEHIND or EVICTED): a feed's segment just filled."""

@@ -11,9 +11,9 @@ from broadcast.chat.history import (ENTRY_OVERHEAD_BYTES, LOW_WATER_FRACTION, En
                                     HistoryBudget, water_level)
 
 EPOCH = "ep0ch_A1"
-FRAME_BYTES = 100  # each test entry: a plain frame and a text of this many bytes
-TEXT = "r" * FRAME_BYTES
-ENTRY_BYTES = FRAME_BYTES + sys.getsizeof(TEXT) + ENTRY_OVERHEAD_BYTES
+FRAME_BYTES = 100  # each test entry: a plain frame and a payload of this many bytes
+PAYLOAD = b"[Alice] " + b"r" * (FRAME_BYTES - 8)
+ENTRY_BYTES = FRAME_BYTES + sys.getsizeof(PAYLOAD) + ENTRY_OVERHEAD_BYTES
 
 
 class Clock:
@@ -35,7 +35,7 @@ def make(size=100, max_bytes=1 << 20, ttl_s=0.0, clock=None, budget=None):
 
 
 def entry(seq: int) -> Entry:
-    return Entry(seq, 1764627286.5, "Alice", b"p" * FRAME_BYTES, TEXT)
+    return Entry(seq, 1764627286.5, "Alice", b"p" * FRAME_BYTES, PAYLOAD)
 
 
 def fill(history: History, count: int) -> None:
@@ -166,10 +166,21 @@ def test_entry_overhead_is_what_cpython_holds_for_an_entry():
     e = entry(123456)
     e.born = 1000.5
     held = (sys.getsizeof(e) + sys.getsizeof(b"") + sys.getsizeof(e.ts) + sys.getsizeof(e.born)
-            + sys.getsizeof(e.seq) + 8)  # 8: its pointer in the deque
+            + sys.getsizeof(e.seq) + sys.getsizeof(e.size) + 8)  # b"": the frame's header; 8: its deque slot
     assert ENTRY_OVERHEAD_BYTES == held
     assert e.size == ENTRY_BYTES
     assert not hasattr(e, "__dict__")
+
+
+@pytest.mark.parametrize(("payload", "sender", "text"), [
+    (b"[Alice] hi", "Alice", "hi"),  # the prefix the plain protocol put there goes
+    (b"hi", None, "hi"),  # anonymous: nothing to strip
+    (b"[Bob] hi", "Alice", "[Bob] hi"),  # only its own sender's prefix
+    ("[Zoë] héllo".encode(), "Zoë", "héllo"),
+    (b"[Alice] \xff", "Alice", "\ufffd"),  # kept as sent; replaced only in the text
+])
+def test_an_entrys_text_is_its_payload_less_its_senders_prefix(payload, sender, text):
+    assert Entry(1, 1.0, sender, b"frame", payload).text == text
 
 
 def test_the_budget_sheds_the_largest_rooms_oldest_first_and_keeps_the_quiet_ones():
