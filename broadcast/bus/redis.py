@@ -144,12 +144,13 @@ class RedisBus:
         full (Redis stalled) or the bus is closing.
         """
         mid = next(self._mids)
-        fields = {"op": _OPS[opcode], "data": payload, "kind": kind, "ts": repr(time.time()),
-                  "node": self._node, "mid": str(mid)}
+        # Bytes already: redis-py takes bytes as they are, and encodes anything else in Python.
+        fields = {"op": _OPS[opcode], "data": payload, "kind": kind.encode(), "ts": repr(time.time()).encode(),
+                  "node": self._node, "mid": b"%d" % mid}
         if sender is not None:
-            fields["from"] = sender
+            fields["from"] = sender.encode()
         if skip is not None:
-            fields["skip"] = str(skip)
+            fields["skip"] = b"%d" % skip
         queued = _Queued(room, fields, opcode is Opcode.TEXT and kind == MESSAGE, mid, len(payload), refused,
                          None if refused else threading.Event())
         with self._lock:

@@ -114,28 +114,41 @@ local function room_epoch(k)
   return epoch
 end
 """
-# KEYS: the epoch, seq and stream of each entry's room in turn. ARGV: a fresh
-# epoch, max entries, version, then for each entry 'seq' (a message: the
-# next SEQ) or 'after' (a note: the SEQ of the last message before it), its
-# number of fields, and its field, value pairs. One reply per entry,
-# {epoch, seq, stream id}, or {why} for one that Redis refused (a key of the
-# wrong type): not a transaction, so the others are appended all the same.
+# KEYS: the epoch, seq and stream of each room of the batch, once each.
+# ARGV: a fresh epoch, max entries, version; the number of field-name lists
+# (a batch's entries share a few), then each: its length and the names; then
+# for each entry: its room's first key's index, 'seq' (a message: the next
+# SEQ) or 'after' (a note: the SEQ of the last message before it), its names'
+# list, and the values. Names and keys sent once a batch, not once an entry:
+# redis-py encodes each argument in Python, and that was a third of the
+# publishing node's time. One reply per entry, {epoch, seq, stream id}, or
+# {why} for one that Redis refused (a key of the wrong type): not a
+# transaction, so the others are appended all the same.
 _PUBLISH = _EPOCH + """
-local function append(k, a, n)
+local names, a = {}, 5
+for s = 1, tonumber(ARGV[4]) do
+  local n = tonumber(ARGV[a])
+  names[s] = {unpack(ARGV, a + 1, a + n)}
+  a = a + 1 + n
+end
+local function append(k, a, fields)
   local epoch = room_epoch(k)
   local seq
   if ARGV[a] == 'seq' then seq = redis.call('INCR', KEYS[k + 1]) else seq = tonumber(redis.call('GET', KEYS[k + 1]) or '0') end
   local entry = {'v', ARGV[3], 'epoch', epoch, ARGV[a], seq}
-  for i = a + 2, a + 1 + 2 * n do entry[#entry + 1] = ARGV[i] end
+  for i, name in ipairs(fields) do
+    entry[#entry + 1] = name
+    entry[#entry + 1] = ARGV[a + 1 + i]
+  end
   return {epoch, seq, redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))}
 end
-local replies, a = {}, 4
-for k = 1, #KEYS, 3 do
-  local n = tonumber(ARGV[a + 1])
-  local ok, reply = pcall(append, k, a, n)
+local replies = {}
+while a <= #ARGV do
+  local fields = names[tonumber(ARGV[a + 2])]
+  local ok, reply = pcall(append, tonumber(ARGV[a]), a + 1, fields)
   if not ok then reply = {type(reply) == 'table' and reply.err or tostring(reply)} end
   replies[#replies + 1] = reply
-  a = a + 2 + 2 * n
+  a = a + 3 + #fields
 end
 return replies
 """
@@ -188,6 +201,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _OWN = frozenset({b"v", b"epoch", b"seq", b"after"})
+_SEQ, _AFTER = b"seq", b"after"  # what publish_many tells its script each entry takes
 
 
 class Unavailable(ConnectionError):
@@ -379,17 +393,28 @@ class StreamsBus:
         key of the wrong type) does not refuse the others. Unavailable, for
         all of them, if Redis does not answer.
         """
-        keys, args = [], [new_epoch(), self.max_entries, ENVELOPE_VERSION]
+        keys: list[str] = []
+        rooms: dict[str, bytes] = {}  # room -> the index of its first key, 1-based (Lua's)
+        shapes: dict[tuple, bytes] = {}  # field names -> their list's index, likewise
+        entries: list = []
         for room, fields, message in items:
-            keys += self._room_keys(room)
-            args += ("seq" if message else "after", len(fields))
-            for name, value in fields.items():
-                args += (name, value)
+            k = rooms.get(room)
+            if k is None:
+                k = rooms[room] = b"%d" % (len(keys) + 1)
+                keys += self._room_keys(room)
+            shape = tuple(fields)
+            s = shapes.get(shape)
+            if s is None:
+                s = shapes[shape] = b"%d" % (len(shapes) + 1)
+            entries += (k, _SEQ if message else _AFTER, s, *fields.values())
+        args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, len(shapes)]
+        for shape in shapes:
+            args += (len(shape), *shape)
         # One script for the whole burst (the library loads it again if a
         # restarted Redis lost it: a missing script ran nothing): a pipeline
         # of one script per entry cost the publishing node most of its time
         # in redis-py, packing and parsing each command.
-        replies = self._call(self._publish, keys=keys, args=args)
+        replies = self._call(self._publish, keys=keys, args=args + entries)
         return [MessageId(r[0].decode(), r[1]) if len(r) == 3 else Unavailable(f"redis {self.url}: {r[0].decode()}")
                 for r in replies]
 

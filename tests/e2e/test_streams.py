@@ -435,6 +435,27 @@ def test_publish_many_appends_a_burst_in_order_and_again_once_redis_lost_its_scr
     assert texts(a.entries()[100:]) == [b"after flush"]
 
 
+def test_a_burst_over_two_rooms_keeps_each_entrys_own_fields_and_order(redis_server, nodes):
+    """A burst sends each room's keys and each set of field names once; every entry still gets its own."""
+    a, b = nodes("a"), nodes("b")
+    a.bus.follow("one", 0)
+    a.bus.follow("two", 0)
+    burst = [("one", {"text": b"a", "from": b"Ann"}, True), ("two", {"text": b"b"}, False),
+             ("one", {"from": b"Bo", "text": b"c", "skip": b"7"}, True), ("two", {"text": b"d", "from": b"Cy"}, True),
+             ("one", {"text": b"e"}, False), ("two", {"text": "f\u00e9"}, True)]
+    ids = b.bus.publish_many(burst)
+    got = a.wait_entries(len(burst))
+    for room in ("one", "two"):
+        sent = [(fields, message) for r, fields, message in burst if r == room]
+        heard = [e for e in got if e.room == room]
+        assert [(e.fields, e.message) for e in heard] == [
+            ({k: v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}, message)
+            for fields, message in sent]
+        assert [e.id for e in heard] == [i for (r, _, _), i in zip(burst, ids) if r == room]
+    assert [e.id.seq for e in got if e.room == "one"] == [1, 2, 2]  # a note carries the SEQ before it
+    assert [e.id.seq for e in got if e.room == "two"] == [0, 1, 2]
+
+
 def test_an_append_redis_refuses_in_a_burst_refuses_that_one_alone(redis_server, nodes):
     a, b = nodes("a"), nodes("b")
     a.bus.follow("room", 0)
