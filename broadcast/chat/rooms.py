@@ -138,10 +138,11 @@ class Room:
         presence object alone (structured only); ``joining``: the name its
         own join notice, which skips it, is about to announce.
         """
+        others = self.elsewhere() if structured_ else None  # for its presence; Redis I/O, so before the lock
         with self.lock:
             member.accept()
             evicted = False
-            for frame in self._catch_up_locked(structured_, history, since, token, joining):
+            for frame in self._catch_up_locked(structured_, history, since, token, joining, others):
                 if member.send(frame) == EVICTED:
                     evicted = True
                     break
@@ -157,7 +158,7 @@ class Room:
         return online
 
     def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None,
-                         token: str | None, joining: str | None) -> list[bytes]:
+                         token: str | None, joining: str | None, others) -> list[bytes]:
         """What a joiner is owed before anything live: (gap,) history, then presence (structured only)."""
         assert self.lock.locked()
         kept = self.history
@@ -184,17 +185,19 @@ class Room:
             epoch, name = kept.epoch, self.name
             frames += [text_frame(structured.history(format_id(epoch, e.seq), name, e.ts, e.sender, e.text))
                        for e in entries]
-            frames.append(self.presence_frame_locked(token, joining))
+            frames.append(self.presence_frame_locked(others, token, joining))
         else:
             frames += [entry.plain for entry in entries]
         return frames
 
-    def presence_frame_locked(self, token: str | None = None, joining: str | None = None) -> bytes:
+    def presence_frame_locked(self, others: tuple[list[str], int], token: str | None = None,
+                              joining: str | None = None) -> bytes:
         """A presence object for one member; ``token`` only in the joiner's own (never shared).
 
         It is where the member stands in the room's order: with the join and
         leave notices it gets after it, it adds up to who is here. ``joining``
-        is the member's own name, whose notice it will not get.
+        is the member's own name, whose notice it will not get; ``others``,
+        what ``elsewhere`` found.
         """
         assert self.lock.locked()
         if self.feed is None:
@@ -206,26 +209,30 @@ class Room:
         else:
             # Across nodes the names come from Redis's keys, which the
             # stream's notices do not bound: the two agree once both land.
-            users, anonymous = self.who_locked()
+            users, anonymous = self.who_locked(others)
         return text_frame(structured.presence(self.history.last_id, self.name, time.time(), users, anonymous,
                                               token))
 
-    def who_locked(self) -> tuple[list[str], int]:
-        """Who is in the room, on every node when there are several: (sorted names, anonymous count).
+    def elsewhere(self) -> tuple[list[str], int]:
+        """Who is in the room on the other nodes: (names, anonymous count); nobody on one node.
 
-        The other nodes' part is asked of Redis (under the lock: a presence
-        is asked for on join and on request, not per message); while Redis
-        does not answer it is this node's alone.
+        Asked of Redis, so with no lock held: under the room's lock, a
+        presence request (or a GET /rooms/ROOM, or a join) held every
+        delivery into the room for its round trips, up to a second each
+        while Redis stalled. While Redis does not answer it is nobody.
         """
+        if self.feed is None:
+            return [], 0
+        try:
+            return self.feed.elsewhere(self.name)
+        except ConnectionError:
+            return [], 0
+
+    def who_locked(self, others: tuple[list[str], int]) -> tuple[list[str], int]:
+        """Who is in the room, this node's seats and ``others`` (from ``elsewhere``): (sorted names, anonymous)."""
         assert self.lock.locked()
-        users, anonymous = self.presence.names(), self.presence.anonymous
-        if self.feed is not None:
-            try:
-                others, others_anonymous = self.feed.elsewhere(self.name)
-            except ConnectionError:
-                return users, anonymous
-            users, anonymous = sorted(users + others), anonymous + others_anonymous
-        return users, anonymous
+        names, anonymous = others
+        return sorted(self.presence.names() + names), self.presence.anonymous + anonymous
 
     def share_presence(self, freed: tuple[str, str] | None = None) -> None:
         """Across nodes: free the (name, token) that left, and write who is here now; no lock held (Redis I/O)."""
@@ -245,8 +252,9 @@ class Room:
             member.evict()
 
     def tell_presence(self, member) -> None:
+        others = self.elsewhere()
         with self.lock:
-            state = member.send(self.presence_frame_locked())
+            state = member.send(self.presence_frame_locked(others))
         if state == EVICTED:
             member.evict()
 
@@ -357,8 +365,9 @@ class Room:
 
     def summary(self) -> dict:
         """For ``GET /rooms/ROOM``: who is here, by name, and how many anonymous."""
+        others = self.elsewhere()
         with self.lock:
-            users, anonymous = self.who_locked()
+            users, anonymous = self.who_locked(others)
         return {"room": self.name, "users": users, "anonymous": anonymous}
 
 

@@ -95,6 +95,42 @@ def test_a_name_seated_before_its_notice_is_counted_once_by_a_joiner_in_between(
     assert [o["kind"] for o in decoded(cy)] == ["presence", "leave"]
 
 
+class OtherNodes:
+    """The Redis bus as the rooms see it: Zed and one anonymous client are on another node.
+
+    ``asked`` records, for each time the other nodes are asked, whether the
+    room's lock was held then: a round trip to Redis must not hold it.
+    """
+
+    def __init__(self) -> None:
+        self.room = None
+        self.asked: list[bool] = []
+
+    def open_locked(self, room) -> None:
+        self.room = room
+
+    def claim(self, room: str, name: str, token: str) -> bool:
+        return True
+
+    def seated(self, room: str, users: list[str], anonymous: int) -> None:
+        pass
+
+    def elsewhere(self, room: str) -> tuple[list[str], int]:
+        self.asked.append(self.room.lock.locked())
+        return ["Zed"], 1
+
+
+def test_across_nodes_a_presence_asks_redis_with_the_rooms_lock_free():
+    rooms = Rooms()
+    rooms.feed = nodes = OtherNodes()
+    room, ann, _ = joined(rooms, "r", 1, True, username="Ann")
+    room.tell_presence(ann)
+    presences = [o for o in decoded(ann) if o["kind"] == "presence"]
+    assert [(p["users"], p["anonymous"]) for p in presences] == [(["Ann", "Zed"], 1)] * 2
+    assert room.summary() == {"room": "r", "users": ["Ann", "Zed"], "anonymous": 1}
+    assert nodes.asked == [False, False, False]  # the join, the request, GET /rooms/r
+
+
 def test_a_duplicate_name_is_counted_once_per_holder_until_each_leaves():
     rooms = Rooms(RoomSettings(allow_duplicate_names=True))
     room, one, _ = joined(rooms, "r", 1, True, username="twin")
