@@ -158,7 +158,8 @@ class Room:
         return online
 
     def _catch_up_locked(self, structured_: bool, history: int | None, since: MessageId | None,
-                         token: str | None, joining: str | None, others) -> list[bytes]:
+                         token: str | None, joining: str | None,
+                         others: tuple[list[str], int] | None) -> list[bytes]:
         """What a joiner is owed before anything live: (gap,) history, then presence (structured only)."""
         assert self.lock.locked()
         kept = self.history

@@ -67,22 +67,17 @@ def wsc_connect(url: str, timeout: float = TIMEOUT, **kwargs) -> websocket.WebSo
     return websocket.create_connection(url, timeout=timeout, **kwargs)
 
 
-def announced(ws, timeout: float = TIMEOUT) -> None:
-    """Wait until the server has handled this new connection's joining, its join notice included.
+@contextlib.contextmanager
+def ws_joined(url: str, **kwargs):
+    """``ws_connect``, entered once the server is done joining it, its join notice included.
 
-    Its 101 comes first (the reader sends it as it joins) and the notice
+    The 101 comes first (the reader sends it as it joins) and the notice
     right after, from the same reader; a ping read after that is answered
     after it too. A test that needs "Alice joined" in the room's order
     before the next client comes waits for the pong, not for the 101.
     """
-    assert ws.ping().wait(timeout), f"no pong within {timeout}s"
-
-
-@contextlib.contextmanager
-def ws_joined(url: str, **kwargs):
-    """``ws_connect``, entered once the server is done joining it (see ``announced``)."""
     with ws_connect(url, **kwargs) as ws:
-        announced(ws)
+        assert ws.ping().wait(TIMEOUT), f"no pong within {TIMEOUT}s"
         yield ws
 
 
