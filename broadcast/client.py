@@ -272,6 +272,10 @@ class Session:
         self.cond = threading.Condition()
         self.status: int | None = None  # exit status, once the server or a closed stdout ended it
         self.closing = False  # the user ended the session; the reader stays quiet
+        # While the prompt owns the terminal, the line that tells how the
+        # session ended waits here until the prompt is gone (see _settle).
+        self.prompting = False
+        self.last_words: str | None = None
         self.expected: collections.deque[str] = collections.deque()  # echoes of what we sent
         self.whos = 0  # presence objects owed to /who
         self.input_done = threading.Event()  # the main thread no longer reads input
@@ -308,6 +312,8 @@ class Session:
                 printing = patch_stdout(raw=True) if self.to_terminal else contextlib.nullcontext()
                 with _typeahead_unechoed(), printing:
                     self._note(self._connected_line())  # before the room's history
+                    with self.cond:
+                        self.prompting = self.to_terminal
                     reader.start()
                     self._send_input()
             else:
@@ -317,6 +323,7 @@ class Session:
             pass  # the user's Ctrl+C, or the reader saying the session is over
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self._prompt_gone()  # with the reader's repeated SIGINT ignored, so that nothing cuts it short
         self.input_done.set()
         return self._close()
 
@@ -607,17 +614,33 @@ class Session:
     def _settle(self, status: int, message: str | None) -> bool:
         """Let the first of server and user to end the session say how it ended.
 
-        False tells a later caller that the end is already told.
+        False tells a later caller that the end is already told. Under the
+        prompt the line is said once the prompt is gone: printed above it,
+        it went through the prompt's event loop, which the reader's signal
+        to end the session could stop before it printed anything.
         """
         with self.cond:
             if self.closing or self.status is not None:
                 return False
             self.status = status
             self.cond.notify_all()  # a send waiting out a reconnection gives up
-            if message is not None:
-                sys.stderr.write(message + "\n")
-                sys.stderr.flush()
+            self.last_words = message
+            if not self.prompting:
+                self._say_last_words_locked()
             return True
+
+    def _prompt_gone(self) -> None:
+        """The terminal is ours again: say how the session ended, if the reader told it meanwhile."""
+        with self.cond:
+            self.prompting = False
+            self._say_last_words_locked()
+
+    def _say_last_words_locked(self) -> None:
+        assert self.cond._is_owned()
+        words, self.last_words = self.last_words, None
+        if words is not None:
+            sys.stderr.write(words + "\n")
+            sys.stderr.flush()
 
     def _close(self) -> int:
         with self.cond:
