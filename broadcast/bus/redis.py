@@ -81,7 +81,7 @@ class RedisBus:
         self._node = node_id.encode()
         self.history = history  # messages a room's history holds here, fetched when a room opens
         self.streams = StreamsBus(url, node_id, self._on_entry, self._on_gap, on_name_lost=self._on_name_lost,
-                                  prefix=prefix, max_entries=max(STREAM_ENTRIES, history),
+                                  on_read=self._on_read, prefix=prefix, max_entries=max(STREAM_ENTRIES, history),
                                   presence_ttl_s=presence_ttl_s)
         self.url = self.streams.url
         self._publish_seconds = publish_seconds  # a histogram (metrics), or None
@@ -89,6 +89,9 @@ class RedisBus:
         # _lock guards _unechoed; its condition tells settle() an own message came back.
         self._lock = threading.Condition()
         self._unechoed: set[int] = set()
+        # Own messages delivered since the stream reader's last read: settle()
+        # hears of them all at once, after it (stream reader thread only).
+        self._heard: list[bytes] = []
         self.on_name_lost = lambda room, name: None  # the chat closes the former connection
         # Presence and freed names are written by one thread of their own, so
         # that a join or a leave never waits on Redis (a stalled one would hold
@@ -287,7 +290,15 @@ class RedisBus:
             room.deliver(_OPCODES[fields["op"]], fields["data"], skip, _sender(entry), fields["kind"].decode(),
                          id=entry.id if entry.message else None, ts=float(fields["ts"]))
         if own:
-            self._echoed(int(fields["mid"]))
+            self._heard.append(fields["mid"])
+
+    def _on_read(self) -> None:
+        """The entries of a read are delivered: those of them that were ours are echoed."""
+        heard, self._heard = self._heard, []
+        if heard:
+            with self._lock:
+                self._unechoed.difference_update(map(int, heard))
+                self._lock.notify_all()
 
     def _echoed(self, mid: int) -> None:
         """Own message ``mid`` is delivered here, or never will be: ``settle`` waits no more for it."""

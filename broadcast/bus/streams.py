@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+import hiredis
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
@@ -92,6 +93,8 @@ READ_BLOCK_MS = 250
 # Entries one XREAD returns per stream at most, so one busy room cannot hold
 # the reader for long while the others wait.
 READ_COUNT = 500
+# Field names decoded once and kept (_Names); a stream with more decodes the rest each time.
+MAX_FIELD_NAMES = 64
 # Redis answers an XREAD BLOCK within its block time; past this margin on
 # top, the reader takes Redis for stalled and reconnects.
 READ_MARGIN_S = 1.0
@@ -201,6 +204,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _OWN = frozenset({b"v", b"epoch", b"seq", b"after"})
+_OWN_ID = (b"seq", b"after")
+_VERSION = str(ENVELOPE_VERSION).encode()
+_V1 = [b"v", _VERSION, b"epoch"]  # how our scripts' entries start
 _SEQ, _AFTER = b"seq", b"after"  # what publish_many tells its script each entry takes
 
 
@@ -254,7 +260,9 @@ class StreamsBus:
 
     ``on_entry(entry)`` and ``on_gap(room, epoch, missed)`` are called from
     the reader thread only, in each room's order; ``missed`` is None when
-    Redis lost the room (a new epoch). ``on_name_lost(room, name)`` is
+    Redis lost the room (a new epoch). ``on_read()`` is called from the
+    reader thread after the entries of each read that brought some: a
+    caller can leave work common to them until then. ``on_name_lost(room, name)`` is
     called from the heartbeat thread when a name this node claimed is held
     elsewhere now (a resume on another node took it over): the caller closes
     its former connection. ``follow`` returns what the room held
@@ -268,7 +276,8 @@ class StreamsBus:
 
     def __init__(self, url: str, node_id: str, on_entry: Callable[[Entry], None],
                  on_gap: Callable[[str, str, int | None], None], *,
-                 on_name_lost: Callable[[str, str], None] = lambda room, name: None, prefix: str = "broadcast",
+                 on_name_lost: Callable[[str, str], None] = lambda room, name: None,
+                 on_read: Callable[[], None] = lambda: None, prefix: str = "broadcast",
                  max_entries: int = MAX_ENTRIES, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.node_id = node_id
@@ -279,16 +288,21 @@ class StreamsBus:
         self._on_entry = on_entry
         self._on_gap = on_gap
         self._on_name_lost = on_name_lost
+        self._on_read = on_read
         no_retry = Retry(NoBackoff(), 0)  # a retried publish could append twice; we own retrying
         self._client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             url, max_connections=CONNECTIONS, timeout=COMMAND_TIMEOUT_S, protocol=2,
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S, retry=no_retry,
+            command_packer=_Packer(),
         ))
         self._reader_client = redis.Redis.from_url(
             url, protocol=2, client_name=f"broadcast-reader-{node_id}",  # for CLIENT LIST and CLIENT KILL
             socket_timeout=READ_BLOCK_MS / 1000 + READ_MARGIN_S, socket_connect_timeout=COMMAND_TIMEOUT_S,
             retry=no_retry,
         )
+        # XREAD's reply as hiredis builds it, each entry's fields a flat list:
+        # redis-py's callback makes a dict and tuples of every entry first.
+        self._reader_client.set_response_callback("XREAD", lambda reply, **options: reply)
         self._publish = self._client.register_script(_PUBLISH)
         self._read = self._client.register_script(_READ)
         self._claim = self._client.register_script(_CLAIM)
@@ -449,25 +463,43 @@ class StreamsBus:
         epoch, last, top, raw = self._call(self._read, keys=self._room_keys(room), args=args)
         epoch = epoch.decode()
         entries = []
-        for _, fields in reversed(raw):
-            entry = self._decode(room, _pairs(fields))
+        for _, flat in reversed(raw):
+            entry = self._decode(room, flat)
             if entry is not None and entry.id.epoch == epoch:
                 entries.append(entry)
         return Replay(epoch, last, entries, 0), top
 
-    def _decode(self, room: str, fields: dict[bytes, bytes]) -> Entry | None:
-        """The entry, or None for an envelope this node does not speak (each version logged once)."""
-        version = fields.get(b"v")
-        if version == str(ENVELOPE_VERSION).encode():
-            try:
-                own = {k.decode(): v for k, v in fields.items() if k not in _OWN}
-                message = b"seq" in fields
-                seq = int(fields[b"seq" if message else b"after"])
-                return Entry(room, MessageId(fields[b"epoch"].decode(), seq), own, message)
-            except (KeyError, ValueError):  # UnicodeDecodeError is one
-                problem = "malformed entries"
+    def _decode(self, room: str, flat: list[bytes]) -> Entry | None:
+        """The entry from its fields as Redis sends them (name, value, ...), or None for an envelope
+        this node does not speak (each version logged once).
+
+        Our scripts write the envelope's three fields first, then the
+        caller's, and that layout is read without a dict of every field: an
+        entry costs each node that reads it, and a node reads every entry of
+        its rooms.
+        """
+        if (len(flat) >= 6 and len(flat) % 2 == 0 and flat[:3] == _V1 and flat[4] in _OWN_ID and flat[2] == b"epoch"
+                and _OWN.isdisjoint(flat[6::2])):
+            names, values = flat[6::2], flat[7::2]
+            epoch, kind, seq = flat[3], flat[4], flat[5]
         else:
-            problem = f"entries of envelope version {version!r}"
+            fields = dict(zip(flat[::2], flat[1::2]))
+            names = [k for k in fields if k not in _OWN]
+            values = [fields[k] for k in names]
+            epoch, seq = fields.get(b"epoch"), None
+            kind = b"seq" if b"seq" in fields else b"after"
+            if fields.get(b"v") == _VERSION:
+                seq = fields.get(kind)
+        if seq is not None:
+            try:
+                own = dict(zip(map(_NAMES.__getitem__, names), values))
+                return Entry(room, MessageId(epoch.decode(), int(seq)), own, kind == b"seq")
+            except (AttributeError, ValueError):  # no epoch; UnicodeDecodeError is a ValueError
+                pass
+            problem = "malformed entries"
+        else:
+            version = dict(zip(flat[::2], flat[1::2])).get(b"v")
+            problem = "malformed entries" if version == _VERSION else f"entries of envelope version {version!r}"
         with self._lock:
             first = problem not in self._skipped
             self._skipped.add(problem)
@@ -502,21 +534,24 @@ class StreamsBus:
                 self._failures = 0
             self._reading = True
             by_key = {c.key: (room, c) for room, c in cursors.items()}
-            for key, entries in reply:
+            following = self._cursors  # looked up without _lock: a stale answer delivers one entry more,
+            for key, entries in reply or ():  # as an unfollow that came right after the lookup would
                 room, cursor = by_key[key]
-                for stream_id, fields in entries:
-                    with self._lock:
-                        if self._cursors.get(room) is not cursor:
-                            break  # unfollowed meanwhile
+                for stream_id, flat in entries:
+                    if following.get(room) is not cursor:
+                        break  # unfollowed meanwhile
                     try:
-                        self._deliver(room, cursor, stream_id, _pairs(fields))
+                        self._deliver(room, cursor, stream_id, flat)
                     except Exception:  # the caller's callback failed: the room goes on
                         log.exception("delivering an entry of room %s failed", room)
+            if reply:
+                self._on_read()
 
-    def _deliver(self, room: str, cursor: _Cursor, stream_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _deliver(self, room: str, cursor: _Cursor, stream_id: bytes, flat: list[bytes]) -> None:
         cursor.stream_id = stream_id
-        entry = self._decode(room, fields)
+        entry = self._decode(room, flat)
         if entry is None:
+            fields = dict(zip(flat[::2], flat[1::2]))
             seq = fields.get(b"seq", b"")
             if fields.get(b"epoch", b"").decode() == cursor.epoch and seq.isdigit():
                 cursor.seq = int(seq)  # a message all the same: not a gap later
@@ -643,8 +678,38 @@ class StreamsBus:
                         self._on_name_lost(room, name)
 
 
-def _pairs(fields) -> dict[bytes, bytes]:
-    """An entry's fields as a dict, from redis-py's dict or Lua's flat list."""
-    if isinstance(fields, dict):
-        return fields
-    return dict(zip(fields[::2], fields[1::2]))
+
+class _Packer:
+    """Commands packed by hiredis alone, in C, for the connections that publish.
+
+    redis-py's own packer hands each argument to its encoder in Python
+    before hiredis packs them, a sixth of the publishing node's time at a
+    few thousand entries a second (a publish batch has about ten arguments
+    an entry). hiredis encodes str, int, float and bytes itself, the only
+    arguments this module sends.
+    """
+
+    def pack(self, *args) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str) and " " in command:  # redis-py's "CLIENT SETNAME" and the like
+            args = (*command.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # what redis-py's packer raises for an argument it cannot send
+            raise redis.DataError(str(exc)) from None
+
+
+class _Names(dict):
+    """Field names, decoded once each: a room's entries share a handful of them.
+
+    Bounded, since any writer to the stream can add names.
+    """
+
+    def __missing__(self, name: bytes) -> str:
+        text = name.decode()
+        if len(self) < MAX_FIELD_NAMES:
+            self[name] = text
+        return text
+
+
+_NAMES = _Names()
