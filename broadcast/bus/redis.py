@@ -159,9 +159,10 @@ class RedisBus:
         with self._lock:
             self._unechoed.add(mid)
         with self._sending:
-            room_left = self._sending.wait_for(
-                lambda: not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
-                or self._stop.is_set(), QUEUE_WAIT_S)
+            room_left = (not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
+                         or self._sending.wait_for(
+                             lambda: not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
+                             or self._stop.is_set(), QUEUE_WAIT_S))
             if self._stop.is_set() or not room_left:
                 self._echoed(mid)
                 raise Unavailable(f"redis {self.url}: " + ("closing" if room_left else "queue to Redis full"))
@@ -173,7 +174,8 @@ class RedisBus:
             else:
                 self._queued.append(queued)
                 self._queued_bytes += queued.size
-                self._sending.notify_all()
+                if len(self._queued) == 1:  # else the publisher is awake, or busy and looks again after
+                    self._sending.notify_all()
         if direct:
             self._send([queued])
         elif queued.answered is not None and not queued.answered.wait(ANSWER_WAIT_S):
