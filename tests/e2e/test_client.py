@@ -43,7 +43,12 @@ READY = r"connected to [^\r\n]+\r\n"  # the line an interactive client prints on
 ENV = clean_env()
 
 
-def run_client(*args: str, input: str = "", timeout: float = 10) -> subprocess.CompletedProcess:
+# A pipe client's run is bounded past its own 10 s --connect-timeout, so that an opening handshake
+# that never completes fails with the client's own words, not as a kill with nothing printed.
+CLIENT_RUN_TIMEOUT_S = 15.0
+
+
+def run_client(*args: str, input: str = "", timeout: float = CLIENT_RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     return run(CLIENT, *args, env=ENV, input=input, timeout=timeout)
 
 
