@@ -477,12 +477,13 @@ class StreamsBus:
         entry costs each node that reads it, and a node reads every entry of
         its rooms.
         """
+        names = flat[6::2]
         if (len(flat) >= 6 and len(flat) % 2 == 0 and flat[:3] == _V1 and flat[4] in (_SEQ, _AFTER)
-                and _OWN.isdisjoint(flat[6::2])):
-            names, values = flat[6::2], flat[7::2]
+                and _OWN.isdisjoint(names)):
+            values = flat[7::2]
             epoch, kind, seq = flat[3], flat[4], flat[5]
         else:
-            fields = dict(zip(flat[::2], flat[1::2]))
+            fields = _fields(flat)
             names = [k for k in fields if k not in _OWN]
             values = [fields[k] for k in names]
             epoch, seq = fields.get(b"epoch"), None
@@ -496,8 +497,8 @@ class StreamsBus:
             except (AttributeError, ValueError):  # no epoch; UnicodeDecodeError is a ValueError
                 pass
             problem = "malformed entries"
-        else:
-            version = dict(zip(flat[::2], flat[1::2])).get(b"v")
+        else:  # only ever the layout read by name
+            version = fields.get(b"v")
             problem = "malformed entries" if version == _VERSION else f"entries of envelope version {version!r}"
         with self._lock:
             first = problem not in self._skipped
@@ -552,7 +553,7 @@ class StreamsBus:
         cursor.stream_id = stream_id
         entry = self._decode(room, flat)
         if entry is None:
-            fields = dict(zip(flat[::2], flat[1::2]))
+            fields = _fields(flat)
             seq = fields.get(b"seq", b"")
             if fields.get(b"epoch", b"").decode() == cursor.epoch and seq.isdigit():
                 cursor.seq = int(seq)  # a message all the same: not a gap later
@@ -677,6 +678,11 @@ class StreamsBus:
                     if lost:
                         log.info("name %s in room %s is held elsewhere now", name, room)
                         self._on_name_lost(room, name)
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields by name, from Redis's flat list of names and values."""
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 class _Packer:
