@@ -159,10 +159,9 @@ class RedisBus:
         with self._lock:
             self._unechoed.add(mid)
         with self._sending:
-            room_left = (not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
-                         or self._sending.wait_for(
-                             lambda: not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
-                             or self._stop.is_set(), QUEUE_WAIT_S))
+            room_left = self._sending.wait_for(
+                lambda: not self._queued or self._queued_bytes + queued.size <= QUEUED_MAX_BYTES
+                or self._stop.is_set(), QUEUE_WAIT_S)
             if self._stop.is_set() or not room_left:
                 self._echoed(mid)
                 raise Unavailable(f"redis {self.url}: " + ("closing" if room_left else "queue to Redis full"))

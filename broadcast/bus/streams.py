@@ -487,13 +487,13 @@ class StreamsBus:
             names = [k for k in fields if k not in _OWN]
             values = [fields[k] for k in names]
             epoch, seq = fields.get(b"epoch"), None
-            kind = b"seq" if b"seq" in fields else b"after"
+            kind = _SEQ if _SEQ in fields else _AFTER
             if fields.get(b"v") == _VERSION:
                 seq = fields.get(kind)
         if seq is not None:
             try:
                 own = dict(zip(map(_NAMES.__getitem__, names), values))
-                return Entry(room, MessageId(epoch.decode(), int(seq)), own, kind == b"seq")
+                return Entry(room, MessageId(epoch.decode(), int(seq)), own, kind == _SEQ)
             except (AttributeError, ValueError):  # no epoch; UnicodeDecodeError is a ValueError
                 pass
             problem = "malformed entries"
