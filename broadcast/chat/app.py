@@ -62,6 +62,8 @@ class ChatApp:
         self.policy = policy
         self.rooms = rooms
         self.bus = bus  # delivers into the same rooms
+        # Without Redis nothing in admitting a client waits on a round trip.
+        self.answers_at_once = rooms.feed is None
 
     def admit(self, request, peer: str) -> Admit | Refused:
         try:

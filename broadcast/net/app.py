@@ -106,10 +106,13 @@ class Member(Protocol):
 
 
 class Application(Protocol):
-    """What the engine calls, from a connection's reader thread unless said otherwise."""
+    """What the engine calls, from a connection's reader thread (or, with ``answers_at_once``, the acceptor's)."""
 
     # Offered to clients in order of preference; one who asks for none of them gets none.
     subprotocols: tuple[str, ...]
+    # Whether admit, opened and ready never wait on the network: then the
+    # acceptor itself may answer a request that is in already (Connection.open_now).
+    answers_at_once: bool
 
     def admit(self, request, peer: str) -> Admit | Refused:
         """Take or refuse a WebSocket request; under the connection's lock, so it must not block."""

@@ -1,7 +1,10 @@
 """One client connection: its reader thread, driving websockets' Sans-I/O protocol.
 
 The reader is gorilla's readPump: the only thread that reads this socket and
-feeds ``ServerProtocol``. Other threads (the ticker's keepalive, eviction,
+feeds ``ServerProtocol``, but for a request that is in already when the
+connection is accepted, which the acceptor may answer (``open_now``) before
+the reader starts, as gorilla's HTTP handler upgrades before it starts the
+pumps. Other threads (the ticker's keepalive, eviction,
 shutdown) may also ask the protocol to send a ping or a close; ``lock``
 serialises all use of the protocol object and keeps its output in order in
 the outbox. Data frames to the client never pass through the protocol: a
@@ -31,6 +34,10 @@ _open_by        | set at accept; reader clears it on joining;       | lock for t
                 | ticker reads                                      | reads
 _response       | reader writes; accept() (inside app.opened) reads | lock
 _partial, _opcode, _held, _unechoed, _bucket | reader only          | none
+_received, _answered, _early | reader only                  | none
+
+Where a row says reader, the acceptor may stand in for it, in ``open_now``,
+before the reader's thread starts: starting the thread orders the two.
 
 Lock order, outermost first: ``conn.lock`` -> the room's lock -> ``outbox.lock``
 -> the TLS lock; ``conn.lock`` -> the listener's lock. No code takes an
@@ -130,6 +137,9 @@ class Connection:
         self.label = f"anonymous@{peer}"  # for log lines; the application names it at admission
         self.joined = False
         self._response: list[bytes] = []  # the 101, until accept() queues it
+        self._received = 0  # bytes of the opening request so far
+        self._answered = False  # the request got its 101 or a refusal
+        self._early: list[Frame] | None = None  # frames behind the request, once it got its 101
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self.why = CONNECTION_LOST  # for the disconnect log line
         # The same, for the metrics and the JSON log: the close code (1006 if
@@ -154,20 +164,47 @@ class Connection:
         self._close_by: float | None = None
         self._open_by = now + config.open_timeout if config.open_timeout else None
 
+    # Acceptor thread, before the reader's exists.
+
+    def open_now(self) -> None:
+        """Answer the opening handshake now if the whole request is in already; else leave it to the reader.
+
+        The acceptor calls it only when the application answers without
+        waiting on the network. A request is usually in by the time its
+        connection is accepted, and answered here it costs no thread a turn
+        at the GIL to parse it. What came in of a request not yet whole
+        stays in the protocol, for the reader to go on from.
+        """
+        data = self.transport.recv_ready()
+        if data:
+            self._answered = self._take(data)
+
+    def give_up(self, why: str) -> None:
+        """No thread could be started for it: hang up now, leaving its room if it joined one."""
+        self.abort(why)
+        self._leave()
+        if not self.outbox.hang_up():
+            self.outbox.release()  # the writer closes the socket
+        self._listener.forget(self)
+
     # Reader thread.
 
     def run(self) -> None:
         try:
-            early = self._open()
-            if early is not None:
-                give_back_stack()  # the handshake went deeper than the reads will
-                self._handle(early)
-                with self.lock:
-                    self._push_locked()  # the early frames' pongs or close, after their messages
-                    # A close behind the request was answered just now: the server hangs up first.
-                    closed = self.protocol.close_rcvd is not None
-                if not closed:
+            if self._answered or self._open():
+                early = self._early
+                if early is None:
+                    # Refused: keep reading until the client hangs up, so that it
+                    # gets the response rather than a reset; the open timeout bounds this.
                     self._read_loop()
+                else:
+                    self._handle(early)
+                    with self.lock:
+                        self._push_locked()  # the early frames' pongs or close, after their messages
+                        # A close behind the request was answered just now: the server hangs up first.
+                        closed = self.protocol.close_rcvd is not None
+                    if not closed:
+                        self._read_loop()
         except Exception:
             log.exception("error on connection from %s", self.peer, extra={"event": "error", "peer": self.peer})
         finally:
@@ -180,53 +217,52 @@ class Connection:
                 self.outbox.release()
             self._listener.forget(self)
 
-    def _open(self) -> list[Frame] | None:
-        """Run the opening handshake, which the ticker cuts short at ``_open_by``.
-
-        Returns the frames a hasty client sent right behind its request
-        (they are parsed with it), or None if the connection did not open.
-        """
+    def _open(self) -> bool:
+        """Read the request until it is answered; False if the client left, or the ticker cut it, first."""
         if not self.transport.handshake():
             log.info("refused %s: %s", self.peer, TLS_FAILED,
                      extra={"event": "refused", "peer": self.peer, "reason": TLS_FAILED})
-            return None
-        received = 0
-        request = None
-        while request is None:
+            return False
+        while True:
             data = self.transport.recv()
             if not data:
                 if self.why is OPEN_TIMED_OUT:  # the ticker's, not a client that went away
                     log.info("refused %s: %s", self.peer, OPEN_TIMED_OUT,
                              extra={"event": "refused", "peer": self.peer, "reason": OPEN_TIMED_OUT})
-                return None
-            self._meter.received(len(data))
-            received += len(data)
-            with self.lock:
-                if received > MAX_HANDSHAKE_BYTES:
-                    self._refuse_locked(Refused(431, "request headers too large"))
-                    break
-                self.protocol.receive_data(data)
-                events = self.protocol.events_received()
-                if events:
-                    request = events[0]  # frames behind it wait for the response
-                elif self.protocol.close_expected():
+                return False
+            if self._take(data):
+                give_back_stack()  # the handshake went deeper than the reads will
+                return True
+
+    def _take(self, data: bytes) -> bool:
+        """Take ``data`` of the opening request; True once it is answered, with the 101 or a refusal.
+
+        Once answered, ``_early`` holds the frames a hasty client sent right
+        behind its request (parsed with it), or None if it did not open.
+        """
+        self._meter.received(len(data))
+        self._received += len(data)
+        with self.lock:
+            if self._received > MAX_HANDSHAKE_BYTES:
+                self._refuse_locked(Refused(431, "request headers too large"))
+                return True
+            self.protocol.receive_data(data)
+            events = self.protocol.events_received()
+            if not events:
+                if self.protocol.close_expected():
                     self._refuse_malformed_locked()
-                    break
-        if request is not None:
-            with self.lock:
-                response = self._answer_locked(request)
-                self.protocol.send_response(response)
-                if response.status_code == 101:
-                    early = self._early_frames_locked()
-                else:
-                    self._push_locked()
-            if response.status_code == 101 and self.joined:
-                self._app.ready(self)
-                return early
-        # Refused: keep reading until the client hangs up, so that it gets
-        # the response rather than a reset; the open timeout bounds this.
-        self._read_loop()
-        return None
+                    return True
+                return False
+            response = self._answer_locked(events[0])  # frames behind the request wait for the response
+            self.protocol.send_response(response)
+            if response.status_code != 101:
+                self._push_locked()
+                return True
+            early = self._early_frames_locked()
+        if self.joined:
+            self._app.ready(self)
+            self._early = early
+        return True
 
     def _answer_locked(self, request):
         """Answer the opening handshake: a plain HTTP route, a refusal, or the 101."""

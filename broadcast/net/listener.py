@@ -1,7 +1,9 @@
 """Bind, accept, and keep the set of connections: the limits that hold before any thread is spent.
 
 The acceptor refuses a connection that would pass the handshake caps at
-accept, so that a flood costs an accept and no more. ``_lock`` (a
+accept, so that a flood costs an accept and no more. Where admitting
+cannot wait on the network, it also answers a request that is in already
+(``Connection.open_now``), before the connection's thread starts. ``_lock`` (a
 Condition, so that shutdown can wait for the set to empty) guards
 ``_conns``, ``_per_ip``, ``_opening``, ``_opening_per_ip``, ``_stopping`` and
 ``_delivered_before``.
@@ -71,6 +73,9 @@ class Listener:
         self.origins = [*config.allowed_origin, None] if config.allowed_origin else None
         self.limits = limits_header(config.max_message_size, config.rate_limit, config.rate_burst)
         self.writers = WriterPool(WRITER_THREADS)
+        # The acceptor answers requests that are in already (Connection.open_now):
+        # not over TLS, whose handshake takes round trips, nor when admitting waits on Redis.
+        self._answer_here = app.answers_at_once and tls is None
         self.budget = ByteBudget(config.max_pending_bytes)
         self.max_opening, self.max_joined = _connection_caps(config)
         self._lock = threading.Condition()
@@ -188,6 +193,12 @@ class Listener:
                 self._per_ip.add(conn.ip)
                 self._opening.add(conn)
                 self._opening_per_ip.add(conn.ip)
+            if self._answer_here:
+                try:
+                    conn.open_now()
+                except Exception:
+                    log.exception("error on connection from %s", peer, extra={"event": "error", "peer": peer})
+                    conn.abort("error")  # its thread finds the socket shut and cleans up
             try:
                 # A bare thread, not a threading.Thread: Thread.start() waits until
                 # the new thread runs, which serialised every connect on a GIL
@@ -195,8 +206,7 @@ class Listener:
                 start_new_thread(conn.run, ())
             except RuntimeError as exc:  # out of threads
                 log.error("cannot serve %s: %s", peer, exc, extra={"event": "error", "peer": peer})
-                self.forget(conn)
-                transport.close()
+                conn.give_up("out of threads")
 
     def _crowded_locked(self, ip: str) -> str | None:
         """Why a new connection from ``ip`` cannot even start its handshake, if it cannot."""

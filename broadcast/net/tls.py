@@ -67,6 +67,9 @@ class TLSTransport(PlainTransport):
             with self._lock:
                 self._incoming.write(data)
 
+    def recv_ready(self) -> None:
+        """Nothing, ever: the TLS handshake comes first, on the reader's thread."""
+
     def recv(self) -> bytes:
         while True:
             with self._lock:

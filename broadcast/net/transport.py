@@ -38,6 +38,8 @@ class Transport(Protocol):
     writer that holds the outbox calls encode, finish, send_nowait and
     shutdown_write, and the reader calls encode and send_first for the
     first bytes out, before any writer holds the outbox; any thread may abort.
+    The acceptor may call recv_ready, encode and send_first before the
+    reader thread exists (Connection.open_now).
     """
 
     peer: str
@@ -45,6 +47,7 @@ class Transport(Protocol):
     def fileno(self) -> int: ...
     def handshake(self) -> bool: ...
     def recv(self) -> bytes: ...
+    def recv_ready(self) -> bytes | None: ...
     def encode(self, data: bytes) -> bytes: ...
     def finish(self) -> bytes: ...
     def send_nowait(self, data: bytes | memoryview) -> int: ...
@@ -84,11 +87,28 @@ class PlainTransport:
                 data = self.sock.recv(want)
         except OSError:  # reset, timeout, or aborted by another thread
             return b""
-        if len(data) < want:
+        self._read(want, len(data))
+        return data
+
+    def recv_ready(self) -> bytes | None:
+        """What has come in already, without waiting: None if nothing yet (or off Linux), ``b""`` if gone."""
+        if not quick.AVAILABLE:
+            return None
+        want = self._want
+        try:
+            data = quick.recv_now(self.sock.fileno(), want)
+        except OSError:
+            return b""
+        if data:
+            self._read(want, len(data))
+        return data
+
+    def _read(self, want: int, got: int) -> None:
+        """Size the next read by how full this one came back."""
+        if got < want:
             self._want = RECV_IDLE_BYTES
         elif want < RECV_MAX_BYTES:
             self._want = min(want * 4, RECV_MAX_BYTES)
-        return data
 
     def encode(self, data: bytes) -> bytes:
         return data
