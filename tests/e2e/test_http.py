@@ -31,6 +31,7 @@ from support.rawws import (
     open_socket,
     read_http_response,
     settled_stats,
+    unread_by_server,
     wait_baseline,
 )
 from support.wsclients import Closed, recv, ws_connect
@@ -122,6 +123,28 @@ def test_an_early_ping_is_answered_after_the_101(server):
         conn.backlog = conn.parser.feed(response.rest)
         pong = conn.recv_frame(WAIT)
         assert (pong.opcode, pong.payload) == (0xA, b"early")
+    assert_clean_log(server)
+
+
+def test_a_request_taken_in_two_pieces_is_answered_once_whole(server):
+    """What is in at accept is read then (by the acceptor); the rest, later, by the connection's own thread."""
+    request = handshake_request(server.port, "/ws?username=halves")
+    cut = request.index(b"\r\n") + 2  # the request line alone
+    sock = open_socket(server.port)
+    with RawWS(sock) as conn:
+        sock.sendall(request[:cut])
+        deadline = time.monotonic() + WAIT
+        while unread_by_server(server.port, conn.port) != 0:  # read, and not answered: not whole yet
+            assert time.monotonic() < deadline, "the server never read the request line"
+            time.sleep(0.01)
+        sock.sendall(request[cut:])
+        response = read_http_response(sock)
+        assert response is not None and response.status == 101, response
+        conn.backlog = conn.parser.feed(response.rest)
+        conn.send_text(b"whole")
+        frame, _ = conn.recv_until(lambda f: f.opcode == OP_TEXT, WAIT)
+    assert frame.payload == b"[halves] whole"
+    server.wait_for_log(r"connect halves@", WAIT)
     assert_clean_log(server)
 
 

@@ -495,6 +495,23 @@ def assert_chat_works(url: str, watcher: Watcher, timeout: float = DEFAULT_TIMEO
     return text
 
 
+def unread_by_server(server_port: int, client_port: int) -> int | None:
+    """Bytes from our loopback socket ``client_port`` that the server has not read yet (/proc/net/tcp).
+
+    Before the server accepts the connection, what the client sent waits
+    in the kernel; once the server reads it, this drops to 0. None if no
+    such socket.
+    """
+    local = f"0100007F:{server_port:04X}"
+    remote = f"0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                return int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
+    return None
+
+
 @dataclass
 class ProcStats:
     threads: int
