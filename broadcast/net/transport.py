@@ -75,16 +75,15 @@ class PlainTransport:
     def recv(self) -> bytes:
         """Block for incoming bytes; ``b""`` means the peer is gone."""
         want = self._want
+        # Only the first read asks for RECV_FIRST_BYTES (later ones, for
+        # RECV_IDLE_BYTES times a power of 4): the request, if it is here.
+        data = self._ready(want) if want == RECV_FIRST_BYTES else None
+        if data is not None:
+            return data
         try:
-            data = None
-            # Only the first read asks for RECV_FIRST_BYTES (later ones, for
-            # RECV_IDLE_BYTES times a power of 4): the request, if it is here.
-            if want == RECV_FIRST_BYTES and quick.AVAILABLE:
-                data = quick.recv_now(self.sock.fileno(), want)
-            if data is None:
-                if want == RECV_IDLE_BYTES and not self.sock.recv(1, socket.MSG_PEEK):
-                    return b""
-                data = self.sock.recv(want)
+            if want == RECV_IDLE_BYTES and not self.sock.recv(1, socket.MSG_PEEK):
+                return b""
+            data = self.sock.recv(want)
         except OSError:  # reset, timeout, or aborted by another thread
             return b""
         self._read(want, len(data))
@@ -92,9 +91,12 @@ class PlainTransport:
 
     def recv_ready(self) -> bytes | None:
         """What has come in already, without waiting: None if nothing yet (or off Linux), ``b""`` if gone."""
+        return self._ready(self._want)
+
+    def _ready(self, want: int) -> bytes | None:
+        """Up to ``want`` bytes the socket holds now, keeping the GIL (net/quick.py); as ``recv_ready``."""
         if not quick.AVAILABLE:
             return None
-        want = self._want
         try:
             data = quick.recv_now(self.sock.fileno(), want)
         except OSError:
