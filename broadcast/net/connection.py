@@ -35,12 +35,14 @@ _open_by        | set at accept; reader clears it on joining;       | lock for t
 _response       | reader writes; accept() (inside app.opened) reads | lock
 _partial, _opcode, _held, _unechoed, _bucket | reader only          | none
 _received, _answered, _early | reader only                  | none
+ticker_entry    | the ticker, and whoever calls _watch             | the ticker's lock
 
 Where a row says reader, the acceptor may stand in for it, in ``open_now``,
 before the reader's thread starts: starting the thread orders the two.
 
 Lock order, outermost first: ``conn.lock`` -> the room's lock -> ``outbox.lock``
--> the TLS lock; ``conn.lock`` -> the listener's lock. No code takes an
+-> the TLS lock; ``conn.lock`` -> the listener's lock; the ticker's lock
+under any of them, as a leaf. No code takes an
 outer lock while holding an inner one: a room evicts its slow members after
 releasing its lock, because eviction takes ``conn.lock``.
 """
@@ -123,7 +125,11 @@ class Connection:
             max_size=config.max_message_size or None,
             logger=WIRE_LOG,
         )
-        self.outbox = outbox = Outbox(transport, listener.writers.pick(), config.send_queue_bytes)
+        self._ticker = listener.ticker
+        # The ticker's entry for this connection (net/ticker.py), under its lock.
+        self.ticker_entry: list | tuple | None = None
+        self.outbox = outbox = Outbox(transport, listener.writers.pick(), config.send_queue_bytes,
+                                      on_block=self._watch if config.write_timeout else None)
         # The port's queries are the outbox's bound methods: a fan-out costs
         # one call per member, as when rooms reached into the outbox.
         self.send = outbox.put
@@ -154,7 +160,8 @@ class Connection:
         # The bus's handle on this client's last message while it may still
         # be on its way back to the client (round Redis); see _settle.
         self._unechoed = None
-        # Keepalive, opening and closing deadlines, read by the ticker. The
+        # Keepalive, opening and closing deadlines, read by the ticker; one
+        # made sooner is told to it (_watch). The
         # ticker, not a socket timeout, ends an opening handshake that runs
         # out of time: a timeout costs two system calls to set and clear and
         # a poll() before every read, each a hand-off of the GIL while
@@ -330,6 +337,7 @@ class Connection:
         # 101 can pass it by.
         self.joined = True
         self._open_by = None
+        self._watch()  # keepalive from now on
         self._listener.opened(self)
         self._response = response
         self._app.opened(self)
@@ -430,6 +438,7 @@ class Connection:
             with self.lock:
                 if frame.data == self._ping:
                     self._ping = None
+                    self._watch()  # the next ping may be due before the ticker looks
         elif opcode is _CLOSE:
             with self.lock:
                 if self.protocol.close_rcvd_then_sent:
@@ -494,6 +503,7 @@ class Connection:
             self._evict_locked()
         if self._close_by is None and protocol.close_expected():
             self._close_by = time.monotonic() + CLOSE_TIMEOUT_S
+            self._watch()
 
     def close(self, code: int, reason: str) -> None:
         """Start a closing handshake after the messages already queued."""
@@ -505,6 +515,7 @@ class Connection:
                 self._push_locked()
             elif self._close_by is None:
                 self._close_by = time.monotonic()  # never opened: just drop it
+                self._watch()
 
     def fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``; a closing handshake already under way wins."""
@@ -535,6 +546,7 @@ class Connection:
         grace = time.monotonic() + EVICT_GRACE_S
         if self._close_by is not None and grace < self._close_by:
             self._close_by = grace
+            self._watch()
 
     def abort(self, why: str) -> None:
         """Hang up with no closing handshake, for ``why``."""
@@ -556,8 +568,31 @@ class Connection:
         self._ended_without_close(why)
         self._leave()
 
+    def _watch(self) -> None:
+        """A deadline may have come sooner: have the ticker look by then."""
+        self._ticker.watch(self)
+
+    def next_check(self, ping_interval: float, ping_timeout: float, write_timeout: float) -> float | None:
+        """When ``tick`` next has something to do, as things stand; None: nothing until they change.
+
+        It reads what ``tick`` reads, the same way; whoever makes one of
+        these times sooner calls ``_watch`` after.
+        """
+        close_by = self._close_by
+        checks = [t for t in (self._open_by, close_by) if t is not None]
+        if close_by is None:
+            blocked_since = self.outbox.blocked_since
+            if write_timeout and blocked_since is not None:
+                checks.append(blocked_since + write_timeout)
+            if ping_interval and self.joined:
+                if self._ping is None:
+                    checks.append(self._ping_at + ping_interval)
+                elif ping_timeout:
+                    checks.append(self._ping_at + ping_timeout)
+        return min(checks, default=None)
+
     def tick(self, now: float, ping_interval: float, ping_timeout: float, write_timeout: float) -> None:
-        """Enforce deadlines; called by the ticker thread."""
+        """Enforce deadlines; called by the ticker thread, when ``next_check`` said."""
         if self._open_by is not None and now >= self._open_by:
             with self.lock:
                 self.why = OPEN_TIMED_OUT  # for the reader's refusal line

@@ -73,6 +73,7 @@ class Listener:
         self.origins = [*config.allowed_origin, None] if config.allowed_origin else None
         self.limits = limits_header(config.max_message_size, config.rate_limit, config.rate_burst)
         self.writers = WriterPool(WRITER_THREADS)
+        self.ticker = Ticker(config)
         # The acceptor answers requests that are in already (Connection.open_now):
         # not over TLS, whose handshake takes round trips, nor when admitting waits on Redis.
         self._answer_here = app.answers_at_once and tls is None
@@ -110,7 +111,7 @@ class Listener:
 
     def start(self) -> None:
         threading.Thread(target=self._accept_loop, name="acceptor", daemon=True).start()
-        Ticker(self.config, self.connections).start()
+        self.ticker.start()
 
     def shutdown(self, deadline: float) -> None:
         """Stop accepting, close every client with 1001 after what it is owed, wait until ``deadline``."""
@@ -193,6 +194,7 @@ class Listener:
                 self._per_ip.add(conn.ip)
                 self._opening.add(conn)
                 self._opening_per_ip.add(conn.ip)
+            self.ticker.watch(conn)  # its opening deadline
             if self._answer_here:
                 try:
                     conn.open_now()
@@ -219,10 +221,6 @@ class Listener:
         return None
 
     # Any thread.
-
-    def connections(self) -> tuple[Connection, ...]:
-        with self._lock:
-            return tuple(self._conns)
 
     def traffic(self) -> Traffic:
         """For the metrics, when scraped: a walk over every connection, without their locks."""
@@ -259,6 +257,7 @@ class Listener:
             self._opened_locked(conn)
 
     def forget(self, conn: Connection) -> None:
+        self.ticker.forget(conn)
         with self._lock:
             self._conns.remove(conn)
             self._delivered_before += conn.outbox.frames  # released: it queues no more

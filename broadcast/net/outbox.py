@@ -23,6 +23,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from .app import BEHIND, EVICTED, QUEUED, Feed, Segment
 from .transport import Transport
@@ -61,13 +62,17 @@ class Outbox:
     __slots__ = (
         "transport", "writer", "limit", "lock", "chunks", "_queued", "head",
         "scheduled", "closing", "eof", "half_close", "dead", "registered", "blocked_since",
-        "drained", "caught_up", "frames", "feed", "segment", "index", "fed", "member",
+        "drained", "caught_up", "frames", "feed", "segment", "index", "fed", "member", "on_block",
     )
 
-    def __init__(self, transport: Transport, writer: Writer, limit: int) -> None:
+    def __init__(self, transport: Transport, writer: Writer, limit: int,
+                 on_block: Callable[[], None] | None = None) -> None:
         self.transport = transport
         self.writer = writer
         self.limit = limit
+        # Called, under lock, when the socket fills after taking everything:
+        # its owner's write timeout starts (it takes no lock of ours).
+        self.on_block = on_block
         self.lock = threading.Lock()
         self.chunks: list[bytes] = []  # not yet handed to the transport
         self._queued = 0  # bytes in chunks
@@ -409,10 +414,11 @@ class Outbox:
                 more = self.chunks or self.eof or self.half_close
                 return AGAIN if more else self._idle()
             self.head = memoryview(head)[sent:]
-            if sent:
-                self.blocked_since = None
-            if self.blocked_since is None:
+            was_blocked = self.blocked_since is not None
+            if sent or not was_blocked:
                 self.blocked_since = time.monotonic()
+            if not was_blocked and self.on_block is not None:
+                self.on_block()  # a partial send only moves the timeout later
             return BLOCKED
 
     def _idle(self) -> int:

@@ -515,3 +515,21 @@ def test_a_first_send_to_a_gone_peer_leaves_it_to_the_writer():
     assert writer.scheduled == [outbox] and writer.sent_bytes == 0
     assert outbox.flush() == FLUSHED  # the writer finds the peer gone, and wakes the reader
     assert transport.aborted
+
+
+def test_the_owner_hears_when_the_socket_fills_and_not_again_until_it_drained(clock):
+    calls = []
+    transport, writer = FakeTransport(takes=4), FakeWriter()
+    outbox = Outbox(transport, writer, 1 << 20, on_block=lambda: calls.append(outbox.blocked_since))
+    outbox.put(b"x" * 30)
+    assert outbox.flush() == BLOCKED
+    assert calls == [clock.now]  # its write timeout starts now
+    clock.now += 1
+    assert outbox.flush() == BLOCKED  # took a little more: the timeout moves later, nothing sooner to say
+    assert calls == [clock.now - 1]
+    transport.takes = None
+    assert outbox.flush() == FLUSHED  # drained
+    transport.takes = 0
+    outbox.put(b"y" * 10)
+    assert outbox.flush() == BLOCKED
+    assert calls == [clock.now - 1, clock.now]
