@@ -761,3 +761,56 @@ def test_unfinished_messages_share_one_budget_and_give_it_back(start_server):
     # The budget, plus what 500 connections cost anyway (threads, protocol objects, a read each).
     assert probe.peak_mib - probe.before_mib < BUDGET / MIB + HOLDERS * 0.25 + 32, probe
     assert after - probe.before_mib < 32, (after, probe)
+
+
+PIDS_CGROUPS = "/sys/fs/cgroup/pids"  # cgroup v1's pids controller, where this machine mounts it
+
+
+@contextlib.contextmanager
+def _pids_cgroup():
+    """A fresh pids cgroup for one server: its thread count can be capped, as root's RLIMIT_NPROC cannot."""
+    if not os.access(PIDS_CGROUPS, os.W_OK):
+        pytest.skip(f"needs a writable {PIDS_CGROUPS} (cgroup v1 pids controller) to run out of threads")
+    path = os.path.join(PIDS_CGROUPS, f"broadcast-test-{os.getpid()}")
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            for pid in f.read().split():  # a cgroup with a task in it cannot go: back to the root one
+                _cgroup_write(PIDS_CGROUPS, "cgroup.procs", pid)
+        os.rmdir(path)
+
+
+def _cgroup_write(path: str, name: str, value: str) -> None:
+    with open(os.path.join(path, name), "w") as f:
+        f.write(value)
+
+
+def test_a_connection_that_gets_no_thread_is_dropped_and_everyone_else_carries_on(start_server):
+    """Out of threads, the acceptor hangs up on the one client it cannot serve, leaves its room and goes on."""
+    with _pids_cgroup() as cgroup:
+        server = start_server("--ping-interval", "0",
+                              preexec_fn=lambda: _cgroup_write(cgroup, "cgroup.procs", str(os.getpid())))
+        with Watcher(server.url) as watcher:
+            with open(os.path.join(cgroup, "pids.current")) as f:
+                threads = int(f.read())
+            _cgroup_write(cgroup, "pids.max", str(threads + 1))  # one more client's thread
+            with RawWS.connect(server.port, username="served") as served:
+                watcher.wait_message("* served joined")
+                with contextlib.closing(open_socket(server.port)) as unserved:
+                    unserved.sendall(handshake_request(server.port, "/ws?username=unserved"))
+                    server.wait_for_log(r"cannot serve 127\.0\.0\.1:\d+: can't start new thread", WAIT)
+                    # A request in by accept was answered and joined by the
+                    # acceptor before the thread failed; it leaves as it came.
+                    response = read_http_response(unserved, WAIT)
+                    if response is not None:
+                        assert response.status == 101
+                        server.wait_for_log(r"disconnect unserved@\S+: out of threads", WAIT)
+                        watcher.wait_message("* unserved left")
+                    assert is_eof_or_reset(unserved, WAIT)
+                served.send_text(b"still here")
+                watcher.wait_message("[served] still here")
+                _cgroup_write(cgroup, "pids.max", "max")
+                assert_chat_works(server.url, watcher, server=server)  # a new client gets a thread again
+        assert server.proc.poll() is None
