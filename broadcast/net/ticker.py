@@ -117,7 +117,7 @@ class Ticker:
             for conn in due:
                 try:
                     conn.tick(now, c.ping_interval, c.ping_timeout, c.write_timeout)
+                    self.watch(conn, now)
                 except Exception:  # keep every other connection's keepalive going
                     log.exception("ticker failed on %s", conn.label)
                     conn.abort("internal error")
-                self.watch(conn, now)

@@ -125,3 +125,27 @@ def test_a_deadline_just_after_a_wake_up_waits_for_the_period_so_many_go_in_one_
     ticker.watch(soon)
     assert soon.ticked.wait(WAIT_S)
     assert soon.ticks[0] >= woken + ticker.period
+
+
+class BrokenConn(FakeConn):
+    """A connection whose deadline check fails: a bug must cost it alone."""
+
+    def __init__(self, due: float) -> None:
+        super().__init__(due)
+        self.aborted = threading.Event()
+
+    def tick(self, now, ping_interval, ping_timeout, write_timeout):
+        raise RuntimeError("a bug in tick")
+
+    def abort(self, why: str) -> None:
+        self.aborted.set()
+
+
+def test_a_connection_whose_tick_fails_is_aborted_and_the_others_are_still_ticked():
+    ticker = started()
+    broken = BrokenConn(time.monotonic())
+    ticker.watch(broken)
+    assert broken.aborted.wait(WAIT_S)
+    later = FakeConn(time.monotonic())
+    ticker.watch(later)
+    assert later.ticked.wait(WAIT_S)
