@@ -7,7 +7,8 @@ Redis. Only this module knows all three.
 
 Threads: one acceptor, one reader per connection (``Connection.run``), a
 small pool of writers (``outbox``), and one ticker for keepalive and
-deadlines. The main thread only waits for SIGINT or SIGTERM.
+deadlines. The main thread only waits for SIGINT or SIGTERM, and a second
+one once the shutdown has begun.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ THREAD_STACK_BYTES = 256 * 1024
 # clients) every ~2,600; at this, 10,000 connect without one, and the
 # collector's share of a connect falls by two thirds.
 GC_YOUNG_THRESHOLD = 5000
+# Taken with sigwait(), never by a handler: blocked before the first thread
+# starts, so that every thread inherits the block and the kernel keeps them
+# pending until one is waited for. A handler runs only when the main thread
+# runs Python, and one that set the Event the main thread waited on could
+# land inside that Event's own wait: a SIGTERM right after clients
+# connected was lost in about 1 start in 9 under load: the server hung on.
+SHUTDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 # Load balancers' health check, on the WebSocket port.
 HEALTH_PATH = "/healthz"
 # Prometheus's default scrape path, on the WebSocket port unless --metrics-port moves it.
@@ -183,6 +191,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def _serve(config: ServerConfig) -> int:
+    # Before any thread: a supervisor may signal as soon as it reads the
+    # listening line, and the default SIGTERM action would skip the shutdown.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     # websockets logs every open and close at INFO; ours already does, once.
     WIRE_LOG.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     for warning in config.config_warnings:
@@ -196,21 +207,6 @@ def _serve(config: ServerConfig) -> int:
     except OSError as exc:
         log.error("cannot load TLS certificate %s: %s", config.certfile, exc)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            # A second signal: the operator does not want to wait.
-            logs.last_words(log, logging.WARNING, f"received {name} again, exiting without waiting for clients")
-            os._exit(1)
-        stop.set()
-        log.info("received %s, shutting down", name)
-
-    # Handlers first: a supervisor may signal as soon as it reads the
-    # listening line, and the default SIGTERM action would skip the shutdown.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     try:
         server.bus.check()
     except RedisUnavailable as exc:
@@ -232,9 +228,17 @@ def _serve(config: ServerConfig) -> int:
         return 1
 
     server.start()
-    stop.wait()
+    log.info("received %s, shutting down", signal.Signals(signal.sigwait(SHUTDOWN_SIGNALS)).name)
+    threading.Thread(target=_exit_on_second_signal, name="signals", daemon=True).start()
     server.shutdown(config.shutdown_timeout)
     return 0
+
+
+def _exit_on_second_signal() -> NoReturn:
+    """A second signal during the shutdown: the operator does not want to wait."""
+    name = signal.Signals(signal.sigwait(SHUTDOWN_SIGNALS)).name
+    logs.last_words(log, logging.WARNING, f"received {name} again, exiting without waiting for clients")
+    os._exit(1)
 
 
 if __name__ == "__main__":
