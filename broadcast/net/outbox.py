@@ -70,8 +70,8 @@ class Outbox:
         self.transport = transport
         self.writer = writer
         self.limit = limit
-        # Called, under lock, when the socket fills after taking everything:
-        # its owner's write timeout starts (it takes no lock of ours).
+        # Called, under lock, when a socket that had taken everything so far
+        # fills: its owner's write timeout starts (it takes no lock of ours).
         self.on_block = on_block
         self.lock = threading.Lock()
         self.chunks: list[bytes] = []  # not yet handed to the transport
