@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def _serve(config: ServerConfig) -> int:
     # Before any thread: a supervisor may signal as soon as it reads the
     # listening line, and the default SIGTERM action would skip the shutdown.
+    # Ignored ones are taken back first: a shell starts a background job
+    # with SIGINT ignored, and an ignored signal may be dropped, not kept
+    # pending: "python server.py &" then "kill -INT" left it running.
+    for shutdown_signal in SHUTDOWN_SIGNALS:
+        signal.signal(shutdown_signal, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     # websockets logs every open and close at INFO; ours already does, once.
     WIRE_LOG.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))

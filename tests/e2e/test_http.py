@@ -408,6 +408,22 @@ def test_no_thread_can_take_a_shutdown_signal_from_the_main_thread_which_waits_f
     assert server.wait_exit(WAIT) == 0
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_sigint_shuts_down_a_server_started_with_it_ignored(start_server):
+    """A shell starts a background job ("python scripts/server.py &") with SIGINT ignored. An ignored
+    signal may be dropped rather than kept pending for sigwait, so the server takes it back."""
+    server = start_server(preexec_fn=_ignore_sigint)
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", f.read(), re.MULTILINE).group(1), 16)
+    assert not ignored & 1 << (signal.SIGINT - 1), hex(ignored)
+    server.proc.send_signal(signal.SIGINT)
+    server.wait_for_log(r"received SIGINT, shutting down", WAIT)
+    assert server.wait_exit(WAIT) == 0
+
+
 def test_a_second_signal_logs_one_line_before_exiting(start_server):
     server = start_server("--shutdown-timeout", "30")
     deaf = RawWS.connect(server.port, rcvbuf=4096)
