@@ -5,7 +5,8 @@ counted. Events come in through hooks: ``Metrics`` is the engine's
 ``net.meter.Meter``, and the Redis bus times its publishes with
 ``redis_publish_seconds``. What is a state rather than an event
 (connections, rooms, history and queued bytes, the Redis state), and the
-tallies the engine keeps on its hot path (frames delivered, bytes sent),
+tallies the engine keeps on its hot path (frames delivered, bytes sent and
+received, messages),
 are read from their owners when scraped, by ``_Snapshot``, so counting
 costs the fan-out nothing.
 """
@@ -36,10 +37,6 @@ class Metrics:
         self.registry = registry = CollectorRegistry()
         Info("broadcast_build", "This server: its version and node id (the node's in /healthz and on Redis).",
              registry=registry).info({"version": version, "node": node_id})
-        self._received_bytes = Counter(
-            "broadcast_received_bytes", "Bytes read from clients' sockets, after TLS.", registry=registry)
-        self._messages = Counter(
-            "broadcast_messages_received", "Whole messages from clients, within their rate limit.", registry=registry)
         self._refusals = Counter(
             "broadcast_handshake_refusals", "WebSocket requests answered with an HTTP error instead of 101.",
             ["status"], registry=registry)
@@ -52,13 +49,7 @@ class Metrics:
             "broadcast_redis_publish_seconds", "Time Redis took to take one client message (--redis-url).",
             buckets=REDIS_PUBLISH_BUCKETS_S, registry=registry)
 
-    # net.meter.Meter: readers, writers and the acceptor call these.
-
-    def received(self, nbytes: int) -> None:
-        self._received_bytes.inc(nbytes)
-
-    def message(self) -> None:
-        self._messages.inc()
+    # net.meter.Meter: called at rare events (a refusal, a close, an eviction), from any thread.
 
     def refused(self, status: int) -> None:
         self._refusals.labels(str(int(status))).inc()
@@ -109,6 +100,10 @@ class _Snapshot:
                                   value=traffic.delivered)
         yield CounterMetricFamily("broadcast_sent_bytes", "Bytes written to clients' sockets, TLS records included.",
                                   value=traffic.sent_bytes)
+        yield CounterMetricFamily("broadcast_received_bytes", "Bytes read from clients' sockets, after TLS.",
+                                  value=traffic.received_bytes)
+        yield CounterMetricFamily("broadcast_messages_received", "Whole messages from clients, within their rate limit.",
+                                  value=traffic.messages)
         state = self._redis_state()
         family = GaugeMetricFamily("broadcast_redis_state", "1 for the bus's state now: off (no --redis-url), "
                                    "ok, stalled or reconnecting.", labels=["state"])

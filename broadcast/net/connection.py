@@ -34,7 +34,9 @@ _open_by        | set at accept; reader clears it on joining;       | lock for t
                 | ticker reads                                      | reads
 _response       | reader writes; accept() (inside app.opened) reads | lock
 _partial, _opcode, _held, _unechoed, _bucket | reader only          | none
-_received, _answered, _early | reader only                  | none
+_answered, _early | reader only                             | none
+received_bytes, | reader writes; a metrics scrape reads            | none: one writer, and a read sees
+messages        |                                                   | one whole int or the next
 ticker_entry    | the ticker, and whoever calls _watch             | the ticker's lock
 
 Where a row says reader, the acceptor may stand in for it, in ``open_now``,
@@ -143,7 +145,12 @@ class Connection:
         self.label = f"anonymous@{peer}"  # for log lines; the application names it at admission
         self.joined = False
         self._response: list[bytes] = []  # the 101, until accept() queues it
-        self._received = 0  # bytes of the opening request so far
+        # Tallies for the metrics, summed when scraped (Listener.traffic): a
+        # counter shared by every reader took a lock per read, and when
+        # thousands of clients dropped at once their readers queued on it
+        # behind each other's turns at the GIL, for tens of seconds.
+        self.received_bytes = 0  # read from the socket: until answered, all of it the opening request
+        self.messages = 0  # whole messages, within the rate limit
         self._answered = False  # the request got its 101 or a refusal
         self._early: list[Frame] | None = None  # frames behind the request, once it got its 101
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
@@ -247,10 +254,9 @@ class Connection:
         Once answered, ``_early`` holds the frames a hasty client sent right
         behind its request (parsed with it), or None if it did not open.
         """
-        self._meter.received(len(data))
-        self._received += len(data)
+        self.received_bytes += len(data)
         with self.lock:
-            if self._received > MAX_HANDSHAKE_BYTES:
+            if self.received_bytes > MAX_HANDSHAKE_BYTES:
                 self._refuse_locked(Refused(431, "request headers too large"))
                 return True
             self.protocol.receive_data(data)
@@ -373,7 +379,7 @@ class Connection:
         protocol = self.protocol
         while True:
             data = self.transport.recv()
-            self._meter.received(len(data))
+            self.received_bytes += len(data)
             with self.lock:
                 if data:
                     protocol.receive_data(data)
@@ -488,7 +494,7 @@ class Connection:
         if self._bucket is not None and not self._bucket.take():
             self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return False
-        self._meter.message()
+        self.messages += 1
         self._unechoed = self._app.message(self, opcode, payload)
         return True
 

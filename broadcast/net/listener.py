@@ -6,7 +6,7 @@ cannot wait on the network, it also answers a request that is in already
 (``Connection.open_now``), before the connection's thread starts. ``_lock`` (a
 Condition, so that shutdown can wait for the set to empty) guards
 ``_conns``, ``_per_ip``, ``_opening``, ``_opening_per_ip``, ``_stopping`` and
-``_delivered_before``.
+``_before``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ class Listener:
         self._opening: set[Connection] = set()  # those of _conns that have not joined (yet)
         self._opening_per_ip = AddressCounts()
         self._stopping = False
-        self._delivered_before = 0  # frames queued to connections since forgotten: a counter never goes down
+        # What connections since forgotten tallied (frames delivered, bytes
+        # received, messages): a counter never goes down.
+        self._before = _Tallies()
         self._ids = itertools.count(1)  # next() is atomic: connection ids never repeat
         self._socket: socket.socket | None = None
         self.address: tuple[str, int] | None = None
@@ -227,9 +229,12 @@ class Listener:
         with self._lock:
             conns = tuple(self._conns)
             opening = len(self._opening)
-            delivered = self._delivered_before + sum(conn.outbox.frames for conn in conns)
+            before = self._before
+            delivered = before.delivered + sum(conn.outbox.frames for conn in conns)
+            received = before.received_bytes + sum(conn.received_bytes for conn in conns)
+            messages = before.messages + sum(conn.messages for conn in conns)
         queued = sum(conn.outbox.queued + len(conn.outbox.head) for conn in conns)
-        return Traffic(len(conns) - opening, opening, queued, delivered, self.writers.sent_bytes())
+        return Traffic(len(conns) - opening, opening, queued, delivered, self.writers.sent_bytes(), received, messages)
 
     def full(self) -> bool:
         """No room for one more joined client; what /healthz and admission both go by."""
@@ -260,7 +265,7 @@ class Listener:
         self.ticker.forget(conn)
         with self._lock:
             self._conns.remove(conn)
-            self._delivered_before += conn.outbox.frames  # released: it queues no more
+            self._before.add(conn)  # released: it tallies no more
             self._per_ip.remove(conn.ip)
             if conn in self._opening:
                 self._opened_locked(conn)
@@ -270,6 +275,20 @@ class Listener:
         assert self._lock._is_owned()
         self._opening.remove(conn)
         self._opening_per_ip.remove(conn.ip)
+
+
+class _Tallies:
+    """Running totals of connections gone, under the listener's lock."""
+
+    __slots__ = ("delivered", "messages", "received_bytes")
+
+    def __init__(self) -> None:
+        self.delivered = self.received_bytes = self.messages = 0
+
+    def add(self, conn: Connection) -> None:
+        self.delivered += conn.outbox.frames
+        self.received_bytes += conn.received_bytes
+        self.messages += conn.messages
 
 
 def _is_ipv6(host: str) -> bool:

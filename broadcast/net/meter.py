@@ -2,10 +2,12 @@
 
 As with ``net.app``, the policy comes in from the composition root: the
 engine calls a ``Meter`` at its rare events and keeps the hot path's
-tallies (frames queued, bytes sent) as plain integers under locks it
-already holds, handed out as a ``Traffic`` snapshot when someone asks. So
-the engine imports nothing that counts (broadcast/metrics.py), and a
-fan-out to 10,000 members takes no extra lock per member.
+tallies (frames queued, bytes sent and received, messages) as plain
+integers, each written by one thread or under a lock it already holds,
+handed out as a ``Traffic`` snapshot when someone asks. So the engine
+imports nothing that counts (broadcast/metrics.py), a fan-out to 10,000
+members takes no extra lock per member, and no read takes a lock that
+every reader shares.
 """
 
 from __future__ import annotations
@@ -27,12 +29,6 @@ CLOSE_CLASSES = (
 class Meter(Protocol):
     """Called from readers, writers and the acceptor; each call must be cheap and never block."""
 
-    def received(self, nbytes: int) -> None:
-        """Bytes read from a client's socket (after TLS)."""
-
-    def message(self) -> None:
-        """A whole message from a client, within its rate limit, handed to the application."""
-
     def refused(self, status: int) -> None:
         """A request that wanted a WebSocket was answered with HTTP ``status`` instead."""
 
@@ -52,3 +48,5 @@ class Traffic:
     queued_bytes: int  # owed to clients, in every outbox
     delivered: int  # data frames queued to clients since start
     sent_bytes: int  # written to sockets since start, TLS records included
+    received_bytes: int  # read from clients' sockets since start, after TLS
+    messages: int  # whole messages from clients since start, within their rate limit

@@ -123,6 +123,13 @@ def test_values_move_with_traffic(start_server, where):
         assert not [k for k in later if k[0] == "broadcast_closes_total" and "raw" in str(k)]
         assert value(later, "broadcast_handshake_refusals_total", status="404") - \
             value(before, "broadcast_handshake_refusals_total", status="404") == 1
+    # Each connection keeps its own tallies, summed when scraped: those of the gone stay counted.
+    gone = wait_metrics(url, lambda s: value(s, "broadcast_connections") == 0, "everyone gone")
+    assert value(gone, "broadcast_messages_received_total") - \
+        value(before, "broadcast_messages_received_total") == MESSAGES
+    assert value(gone, "broadcast_received_bytes_total") - value(before, "broadcast_received_bytes_total") >= received
+    assert value(gone, "broadcast_messages_delivered_total") - \
+        value(before, "broadcast_messages_delivered_total") == MESSAGES * CLIENTS
 
 
 def _node(samples) -> str:
