@@ -147,8 +147,7 @@ class Connection:
         self._response: list[bytes] = []  # the 101, until accept() queues it
         # Tallies for the metrics, summed when scraped (Listener.traffic): a
         # counter shared by every reader took a lock per read, and when
-        # thousands of clients dropped at once their readers queued on it
-        # behind each other's turns at the GIL, for tens of seconds.
+        # thousands of clients dropped at once, their readers queued on it.
         self.received_bytes = 0  # read from the socket: until answered, all of it the opening request
         self.messages = 0  # whole messages, within the rate limit
         self._answered = False  # the request got its 101 or a refusal
