@@ -28,10 +28,10 @@ from .servers import HOST, ServerProcess, machine_idle_seconds
 # 4 MiB eviction) ...
 FANOUT_WINDOW_MIN_MSGS = 256
 # ... and at least this many deliveries in flight, ~50 ms of our server's
-# work: its reader takes the GIL for a whole received batch and hands it to
-# the writers only every 5 ms (sys.getswitchinterval), and a load process may
-# wait that long for a core; a shallower window leaves the server idle
-# between round trips (at 100 subscribers, W = 256 measured 30% less).
+# work: its reader takes the GIL for a whole received batch, handing it to
+# the writers between its system calls, and a load process may wait for a
+# core meanwhile; a shallower window leaves the server idle between round
+# trips (at 100 subscribers, W = 256 measured 30% less).
 FANOUT_INFLIGHT_DELIVERIES = 102_400
 FANOUT_SIZE_BYTES = 64
 LATENCY_SUBSCRIBERS = 100
