@@ -55,10 +55,11 @@ GC_YOUNG_THRESHOLD = 5000
 # let go (CPython's default is 5 ms). Each waiter wakes this often, and
 # glibc's condition variable serialises every such wake-up: when thousands
 # of clients dropped at once, their readers all woke for the GIL and spent
-# it on those wake-ups instead of running. 5,000 leaving took 20-90 s at
-# 5 ms and 1.4-1.9 s at this. No thread of ours computes for long with
-# the GIL: each lets go at its next system call long before this.
-SWITCH_INTERVAL_S = 0.1
+# it on those wake-ups instead of running. 5,000 leaving took 9-60 s at
+# 5 ms; at 100 ms they left in about 2 s, but 3 test runs in 16 still
+# stalled past 15 s; at 1 s, 16 in 16 left within seconds. No thread of
+# ours holds the GIL that long: each lets go at its next system call.
+SWITCH_INTERVAL_S = 1.0
 # Taken with sigwait(), never by a handler: blocked before the first thread
 # starts, so that every thread inherits the block and the kernel keeps them
 # pending until one is waited for. A handler runs only when the main thread
