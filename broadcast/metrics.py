@@ -6,9 +6,8 @@ counted. Events come in through hooks: ``Metrics`` is the engine's
 ``redis_publish_seconds``. What is a state rather than an event
 (connections, rooms, history and queued bytes, the Redis state), and the
 tallies the engine keeps on its hot path (frames delivered, bytes sent and
-received, messages),
-are read from their owners when scraped, by ``_Snapshot``, so counting
-costs the fan-out nothing.
+received, messages), are read from their owners when scraped, by
+``_Snapshot``, so counting costs the fan-out nothing.
 """
 
 from __future__ import annotations

@@ -229,12 +229,12 @@ class Listener:
         with self._lock:
             conns = tuple(self._conns)
             opening = len(self._opening)
-            before = self._before
-            delivered = before.delivered + sum(conn.outbox.frames for conn in conns)
-            received = before.received_bytes + sum(conn.received_bytes for conn in conns)
-            messages = before.messages + sum(conn.messages for conn in conns)
+            total = self._before.copy()
+            for conn in conns:
+                total.add(conn)
         queued = sum(conn.outbox.queued + len(conn.outbox.head) for conn in conns)
-        return Traffic(len(conns) - opening, opening, queued, delivered, self.writers.sent_bytes(), received, messages)
+        return Traffic(len(conns) - opening, opening, queued, total.delivered, self.writers.sent_bytes(),
+                       total.received_bytes, total.messages)
 
     def full(self) -> bool:
         """No room for one more joined client; what /healthz and admission both go by."""
@@ -278,12 +278,17 @@ class Listener:
 
 
 class _Tallies:
-    """Running totals of connections gone, under the listener's lock."""
+    """Running totals of connections' tallies: of those gone, under the listener's lock, and at a scrape."""
 
     __slots__ = ("delivered", "messages", "received_bytes")
 
     def __init__(self) -> None:
         self.delivered = self.received_bytes = self.messages = 0
+
+    def copy(self) -> _Tallies:
+        tallies = _Tallies()
+        tallies.delivered, tallies.received_bytes, tallies.messages = self.delivered, self.received_bytes, self.messages
+        return tallies
 
     def add(self, conn: Connection) -> None:
         self.delivered += conn.outbox.frames
