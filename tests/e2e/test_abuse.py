@@ -23,6 +23,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from support import herd
 from support.process import module_server, wait_joined, wait_left
 from support.rawws import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, Timeout, assert_chat_works, build_frame,
@@ -361,18 +362,18 @@ TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_thousands_dropping_at_once_leave_in_seconds_while_the_others_keep_chatting(start_server):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard < HERD + 100:
-        pytest.skip(f"{HERD:,} clients need {HERD + 100:,} open files; ulimit -Hn is {hard:,}")
+    if hard < HERD + herd.SPARE_FILES:
+        pytest.skip(f"{HERD:,} clients need {HERD + herd.SPARE_FILES:,} open files; ulimit -Hn is {hard:,}")
     server = start_server()
     with Watcher(server.url) as watcher:
         with subprocess.Popen([sys.executable, "-m", "support.herd", str(server.port), str(HERD)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": TESTS_DIR}) as herd:
+                              env={**os.environ, "PYTHONPATH": TESTS_DIR}) as clients:
             try:
-                assert herd.stdout.readline() == "ready\n", f"the herd exited with {herd.wait()}"
+                assert clients.stdout.readline() == "ready\n", f"the herd exited with {clients.wait()}"
                 wait_joined(server, HERD + 1)
             finally:
-                herd.kill()  # the kernel closes its sockets, all at once
+                clients.kill()  # the kernel closes its sockets, all at once
         watcher.ws.send("after the herd")
         watcher.wait_message("after the herd", HERD_LEAVE_S)
         wait_left(server, 1, HERD_LEAVE_S)

@@ -380,13 +380,18 @@ def test_each_client_dropped_at_the_shutdown_timeout_gets_a_disconnect_line(star
     assert "shutdown timeout: dropped 3 connection(s)" in server.log
 
 
+def _signal_mask(status: str, field: str) -> int:
+    """A signal mask (``SigBlk``, ``SigIgn``) from a /proc status file: bit n - 1 is signal n."""
+    with open(status) as f:
+        return int(re.search(rf"^{field}:\s*([0-9a-f]+)$", f.read(), re.MULTILINE).group(1), 16)
+
+
 def _blocked_signals(pid: int) -> dict[str, int]:
-    """Each thread's blocked-signal mask, from /proc: thread id -> mask (bit n - 1 is signal n)."""
+    """Each thread's blocked-signal mask, from /proc: thread id -> mask."""
     masks = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                masks[tid] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+            masks[tid] = _signal_mask(f"/proc/{pid}/task/{tid}/status", "SigBlk")
         except FileNotFoundError:
             pass  # a thread that ended meanwhile (wait_joined's /healthz reader)
     return masks
@@ -416,8 +421,7 @@ def test_sigint_shuts_down_a_server_started_with_it_ignored(start_server):
     """A shell starts a background job ("python scripts/server.py &") with SIGINT ignored. An ignored
     signal may be dropped rather than kept pending for sigwait, so the server takes it back."""
     server = start_server(preexec_fn=_ignore_sigint)
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", f.read(), re.MULTILINE).group(1), 16)
+    ignored = _signal_mask(f"/proc/{server.proc.pid}/status", "SigIgn")
     assert not ignored & 1 << (signal.SIGINT - 1), hex(ignored)
     server.proc.send_signal(signal.SIGINT)
     server.wait_for_log(r"received SIGINT, shutting down", WAIT)
