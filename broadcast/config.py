@@ -80,6 +80,7 @@ class ServerConfig:
     redis_url: str | None
     redis_channel: str
     redis_optional: bool
+    redis_retention: float  # seconds of every room's stream kept for catch-up, past its last 1,000
     presence_ttl: float  # seconds a dead node's members and names outlive it
     config_file: str | None
     config_warnings: list[str]  # from the file, for the server to log
@@ -382,6 +383,10 @@ def server_parser() -> OneLineParser:
                        help="prefix of the rooms' Redis keys: one per deployment (default %(default)s)")
     nodes.add_argument("--redis-optional", action="store_true",
                        help="start with a warning if Redis is unreachable at start; rooms open once it is back")
+    nodes.add_argument("--redis-retention", type=seconds, default=60.0, metavar="SECONDS",
+                       help="a node that falls behind, or is cut off from Redis, this long at most catches up "
+                            "with nothing lost; every room keeps its last 1,000 messages (or --history-size) "
+                            "however old (default 60)")
     nodes.add_argument("--presence-ttl", type=seconds, default=10.0, metavar="SECONDS",
                        help="a node that dies leaves presence and frees its names within this (default 10)")
     return p

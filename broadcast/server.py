@@ -86,7 +86,7 @@ class Server:
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
                                 self.metrics.redis_publish_seconds, history=config.history_size,
-                                presence_ttl_s=config.presence_ttl)
+                                retention_s=config.redis_retention, presence_ttl_s=config.presence_ttl)
             self.rooms.feed = self.bus
         else:
             self.bus = LocalBus(self.rooms)

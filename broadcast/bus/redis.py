@@ -38,7 +38,14 @@ from collections.abc import Callable
 
 from websockets.frames import Opcode
 
-from .streams import COMMAND_TIMEOUT_S, PRESENCE_TTL_S, Entry, StreamsBus, Unavailable
+from .streams import (
+    COMMAND_TIMEOUT_S,
+    PRESENCE_TTL_S,
+    RETAIN_S,
+    Entry,
+    StreamsBus,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,8 @@ log = logging.getLogger(__name__)
 # in the stream, still reaches every other client in order).
 ECHO_WAIT_S = 2.0
 # The stream keeps at least this many entries per room (or --history-size,
-# if larger): how far back a node cut off from Redis catches up.
+# if larger), however old: a node cut off from Redis for longer than
+# --redis-retention still catches up on this many.
 STREAM_ENTRIES = 1000
 # Publishes queued for the publisher thread hold at most this many payload
 # bytes; a sender past it waits (its connection reads no more meanwhile),
@@ -75,14 +83,14 @@ class RedisBus:
     """Rooms delivered from their Redis streams, with history, presence and names shared by every node."""
 
     def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, *,
-                 history: int = 0, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
+                 history: int = 0, retention_s: float = RETAIN_S, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self._rooms = rooms  # name -> room, with .deliver(...)
         self.node_id = node_id
         self._node = node_id.encode()
         self.history = history  # messages a room's history holds here, fetched when a room opens
         self.streams = StreamsBus(url, node_id, self._on_entry, self._on_gap, on_name_lost=self._on_name_lost,
                                   on_read=self._on_read, prefix=prefix, max_entries=max(STREAM_ENTRIES, history),
-                                  presence_ttl_s=presence_ttl_s)
+                                  retain_s=retention_s, presence_ttl_s=presence_ttl_s)
         self.url = self.streams.url
         self._publish_seconds = publish_seconds  # a histogram (metrics), or None
         self._mids = itertools.count(1)  # next() is atomic: a node's own publishes, told apart
@@ -311,8 +319,8 @@ class RedisBus:
         if missed is None:
             log.warning("redis %s lost room %s: its history restarts under a new epoch", self.url, room)
         else:
-            log.warning("room %s: %d messages went past this node while it was cut off longer than the "
-                        "stream's reach", room, missed)
+            log.warning("room %s: %d messages went past this node while it was cut off from Redis, or behind, "
+                        "past the stream's reach (--redis-retention)", room, missed)
 
     def _on_name_lost(self, room: str, name: str) -> None:
         self.on_name_lost(room, name)

@@ -3,7 +3,7 @@
 Plain pub/sub (the bus before this one) forgets what it relayed: a node cut
 off from Redis loses every other node's messages of that time. A stream keeps them,
 so a node that comes back reads on from the last entry it delivered and its
-clients miss nothing, within the stream's MAXLEN.
+clients miss nothing, within the stream's reach (RETAIN_S, MAX_ENTRIES).
 
 One stream per room, not one for all rooms. Measured with 3,000 messages
 spread over 1, 10 and 100 rooms (redis-server 7.0 on 127.0.0.1, redis-py
@@ -20,14 +20,14 @@ spread over 1, 10 and 100 rooms (redis-server 7.0 on 127.0.0.1, redis-py
 - the price of per room: an empty XREAD over 100 streams costs 0.3-0.4 ms
   against 0.05-0.1 ms for one, paid once per READ_BLOCK_MS while idle.
 
-MAXLEN is per room as well, so a busy room cannot push a quiet room's
+The reach is per room as well, so a busy room cannot push a quiet room's
 history out, the rule the node's own history keeps (chat/history.py). Notes
 (notices and binary frames: in order, but no SEQ and in no history) count in
 it too.
 
 Keys (``P`` is the prefix, one per deployment)::
 
-    P:room:ROOM:stream          the room's entries (XADD MAXLEN ~ max_entries)
+    P:room:ROOM:stream          the room's entries (trimmed to RETAIN_S, MAX_ENTRIES, CAP_ENTRIES)
     P:room:ROOM:seq             the room's last SEQ (INCR, in the same script as the XADD)
     P:room:ROOM:epoch           the room's epoch (set once; gone only if Redis lost the room)
     P:room:ROOM:nodes           the nodes that have written presence for the room
@@ -73,9 +73,20 @@ from broadcast.redact import redact_url
 log = logging.getLogger(__name__)
 
 ENVELOPE_VERSION = 1  # of the stream entry's fields (the pub/sub bus's envelope, gone, counted apart)
-# Entries each room's stream keeps at least (MAXLEN ~ trims in whole
-# macro-nodes, so a few more): how far back catch-up and recovery reach.
+# Entries each room's stream keeps at least, whatever their age (trims are
+# in whole macro-nodes, so a few more): how far back a joiner's history and
+# a client's recovery reach.
 MAX_ENTRIES = 1000
+# Every entry younger than this stays too (the newest entry's time less
+# this, Redis's clock): a node that falls behind, or is cut off, for less
+# reads on with nothing lost. A count alone was a tenth of a second at ten
+# thousand messages a second, and lost messages on a node whose reader
+# lagged by no more; an outage of seconds in a lively room lost them too.
+RETAIN_S = 60.0
+# ... but never more than this many entries in one room: a busy room's share
+# of Redis's memory stays bounded (measured: 174 bytes an entry of a 64-byte
+# message, so ~17 MiB), at the price of a shorter reach past ~1,700 a second.
+CAP_ENTRIES = 100_000
 # A node's heartbeat, presence and name claims live this long unless
 # refreshed: a node that dies without a word leaves presence, and frees its
 # names, within PRESENCE_TTL_S. Long enough that a Redis stall of a few
@@ -118,7 +129,8 @@ local function room_epoch(k)
 end
 """
 # KEYS: the epoch, seq and stream of each room of the batch, once each.
-# ARGV: a fresh epoch, max entries, version; the number of field-name lists
+# ARGV: a fresh epoch, the entries kept at least, at most, and the ms kept
+# (see RETAIN_S), version; the number of field-name lists
 # (a batch's entries share a few), then each: its length and the names; then
 # for each entry: its room's first key's index, 'seq' (a message: the next
 # SEQ) or 'after' (a note: the SEQ of the last message before it), its names'
@@ -126,24 +138,41 @@ end
 # redis-py encodes each argument in Python, and that was a third of the
 # publishing node's time. One reply per entry, {epoch, seq, stream id}, or
 # {why} for one that Redis refused (a key of the wrong type): not a
-# transaction, so the others are appended all the same.
+# transaction, so the others are appended all the same. Each room's stream
+# is trimmed once a batch, after its appends: to CAP_ENTRIES, then of what
+# is older than the ms kept, but never below the entries kept at least
+# (LIMIT, which trims whole macro-nodes only). A trim that fails takes
+# nothing back: the entries are in.
 _PUBLISH = _EPOCH + """
-local names, a = {}, 5
-for s = 1, tonumber(ARGV[4]) do
+local names, a = {}, 7
+for s = 1, tonumber(ARGV[6]) do
   local n = tonumber(ARGV[a])
   names[s] = {unpack(ARGV, a + 1, a + n)}
   a = a + 1 + n
 end
+local newest = {}  -- a room's first key's index -> the id of its last entry appended
 local function append(k, a, fields)
   local epoch = room_epoch(k)
   local seq
   if ARGV[a] == 'seq' then seq = redis.call('INCR', KEYS[k + 1]) else seq = tonumber(redis.call('GET', KEYS[k + 1]) or '0') end
-  local entry = {'v', ARGV[3], 'epoch', epoch, ARGV[a], seq}
+  local entry = {'v', ARGV[5], 'epoch', epoch, ARGV[a], seq}
   for i, name in ipairs(fields) do
     entry[#entry + 1] = name
     entry[#entry + 1] = ARGV[a + 1 + i]
   end
-  return {epoch, seq, redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))}
+  local id = redis.call('XADD', KEYS[k + 2], '*', unpack(entry))
+  newest[k] = id
+  return {epoch, seq, id}
+end
+local function trim(k, id)
+  local stream = KEYS[k + 2]
+  local length = redis.call('XLEN', stream)
+  if length > tonumber(ARGV[3]) then length = length - redis.call('XTRIM', stream, 'MAXLEN', '~', ARGV[3]) end
+  local over = length - tonumber(ARGV[2])
+  if over > 0 then
+    local oldest_kept = math.max(0, tonumber(string.match(id, '^%d+')) - tonumber(ARGV[4]))
+    redis.call('XTRIM', stream, 'MINID', '~', string.format('%d-0', oldest_kept), 'LIMIT', over)
+  end
 end
 local replies = {}
 while a <= #ARGV do
@@ -153,6 +182,7 @@ while a <= #ARGV do
   replies[#replies + 1] = reply
   a = a + 3 + #fields
 end
+for k, id in pairs(newest) do pcall(trim, k, id) end
 return replies
 """
 # ARGV: a fresh epoch, how many messages at most, and '' (the last ones) or a
@@ -277,11 +307,14 @@ class StreamsBus:
                  on_gap: Callable[[str, str, int | None], None], *,
                  on_name_lost: Callable[[str, str], None] = lambda room, name: None,
                  on_read: Callable[[], None] = lambda: None, prefix: str = "broadcast",
-                 max_entries: int = MAX_ENTRIES, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
+                 max_entries: int = MAX_ENTRIES, retain_s: float = RETAIN_S, cap_entries: int = CAP_ENTRIES,
+                 presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self.url = redact_url(url)  # for log lines and errors: the password never reaches them
         self.node_id = node_id
         self.prefix = prefix
         self.max_entries = max_entries
+        self.cap_entries = max(cap_entries, max_entries)
+        self.retain_ms = int(retain_s * 1000)
         self.presence_ttl_ms = int(presence_ttl_s * 1000)
         self._heartbeat_s = presence_ttl_s / 3  # see PRESENCE_TTL_S
         self._on_entry = on_entry
@@ -420,7 +453,7 @@ class StreamsBus:
             if s is None:
                 s = shapes[shape] = b"%d" % (len(shapes) + 1)
             entries += (k, _SEQ if message else _AFTER, s, *fields.values())
-        args = [new_epoch(), self.max_entries, ENVELOPE_VERSION, len(shapes)]
+        args = [new_epoch(), self.max_entries, self.cap_entries, self.retain_ms, ENVELOPE_VERSION, len(shapes)]
         for shape in shapes:
             args += (len(shape), *shape)
         # One script for the whole burst (the library loads it again if a

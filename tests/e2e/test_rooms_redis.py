@@ -28,6 +28,7 @@ WAIT = 10.0  # any one expected event
 V1 = ["broadcast.v1"]
 SHORT_TTL_S = 1.5  # --presence-ttl for the test that watches a dead node drop out
 CUT_S = 10.0  # how long the cut-off node stays cut off (issue 11: "for 10 s")
+BEHIND_BY = 1500  # messages a held-back node misses: past the 1,000 (and a macro-node) a count would keep
 
 
 @pytest.fixture
@@ -200,6 +201,36 @@ def test_recovery_when_the_clients_node_is_restarted_while_another_keeps_publish
     assert published.is_set()
     assert texts(got) == [f"m{i}" for i in range(total)]
     assert len({o["id"] for o in got}) == total
+
+
+def messages_until(ws, last: str) -> list[str]:
+    """A structured client's message texts up to ``last``; a gap on the way fails the test."""
+    reader, got = objects(ws, ("message", "gap")), []
+    while not got or got[-1] != last:
+        obj = reader.next()
+        assert obj["kind"] == "message", f"after {len(got)} messages: {obj}"
+        got.append(obj["text"])
+    return got
+
+
+def test_a_node_held_back_past_the_streams_last_1000_catches_up_with_nothing_lost(node):
+    """A node whose reader falls behind (a GC pause, a full CPU; here SIGSTOP) by more than the
+    1,000 entries every room keeps, but for less than --redis-retention, reads on with no gap;
+    so does the sender's own node, whose reader a burst of 1,500 can outrun as well."""
+    behind, ahead = node(), node()
+    with structured(behind, "Bea") as bea, structured(ahead, "Al") as al:
+        wait_connections(behind, 1)
+        wanted = [f"m{i:04d}" for i in range(BEHIND_BY)]
+        behind.proc.send_signal(signal.SIGSTOP)
+        try:
+            for text in wanted:
+                send(al, text)
+            assert messages_until(al, wanted[-1]) == wanted  # all in the stream now
+        finally:
+            behind.proc.send_signal(signal.SIGCONT)
+        assert messages_until(bea, wanted[-1]) == wanted
+    for server in (behind, ahead):
+        assert "went past this node" not in server.log
 
 
 def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, redis_server):

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.redis
 
 WAIT_S = 10.0  # every wait here ends by then; far past what any step takes unloaded
 SHORT_TTL_S = 1.0  # presence TTL for the tests that watch it expire
+SHORT_RETAIN_S = 0.2  # stream retention for the tests that watch it pass
 
 
 class Node:
@@ -116,6 +117,12 @@ def wait_until(predicate, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"not {what} after {WAIT_S}s"
         time.sleep(0.02)
+
+
+def redis_ms(admin) -> int:
+    """Redis's clock, which stream ids and so the retention go by, in ms."""
+    seconds, micros = admin.time()
+    return seconds * 1000 + micros // 1000
 
 
 def kill_readers(redis_server, name: str) -> int:
@@ -260,11 +267,32 @@ def test_a_redis_that_lost_the_room_gives_a_gap_and_a_new_epoch(redis_server, no
     assert a.bus.since("room", old, 3).missed is None
 
 
-def test_a_reader_behind_the_streams_reach_gets_a_counted_gap(redis_server, nodes):
-    redis_server.admin.config_set("stream-node-max-entries", 5)  # so that MAXLEN ~ trims finely
+STREAM = "broadcast:room:room:stream"
+
+
+def test_a_reader_behind_by_more_than_the_count_but_within_the_retention_loses_nothing(redis_server, nodes):
+    redis_server.admin.config_set("stream-node-max-entries", 5)  # so that a trim would take few
     release = threading.Event()
     a = nodes("a", gate=release, max_entries=10)  # a falls behind: its reader is held on the first entry
     b = nodes("b", max_entries=10)
+    a.bus.follow("room", 0)
+    b.bus.publish("room", {"text": "m0"})
+    assert a.held.wait(WAIT_S)
+    publish_all(b.bus, "room", "x", 100)
+    b.bus.publish_many([("room", {"text": f"y{i}"}, True) for i in range(100)])  # and a burst, in one batch
+    release.set()
+    got = a.wait_entries(201)
+    assert a.gaps() == []
+    assert seqs(got) == list(range(1, 202))
+    assert redis_server.admin.xlen(STREAM) == 201  # all of it within streams.RETAIN_S
+
+
+@pytest.mark.parametrize("reach", [{"retain_s": 0}, {"cap_entries": 20}], ids=["no retention", "capped"])
+def test_a_reader_behind_the_streams_reach_gets_a_counted_gap(redis_server, nodes, reach):
+    redis_server.admin.config_set("stream-node-max-entries", 5)  # so that a trim takes few at a time
+    release = threading.Event()
+    a = nodes("a", gate=release, max_entries=10, **reach)  # a falls behind: its reader is held on the first entry
+    b = nodes("b", max_entries=10, **reach)
     a.bus.follow("room", 0)
     b.bus.publish("room", {"text": "m0"})
     assert a.held.wait(WAIT_S)
@@ -274,6 +302,23 @@ def test_a_reader_behind_the_streams_reach_gets_a_counted_gap(redis_server, node
     gap = a.gaps()[0]
     assert gap[3] == got[1].id.seq - 2 > 0  # exactly the entries between 1 and the first still there
     assert seqs(got[1:]) == list(range(got[1].id.seq, 102))
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["one at a time", "one batch"])
+def test_past_the_retention_a_room_still_keeps_its_last_entries(redis_server, nodes, burst):
+    redis_server.admin.config_set("stream-node-max-entries", 5)
+    admin = redis_server.admin
+    a = nodes("a", max_entries=10, retain_s=SHORT_RETAIN_S)
+    if burst:
+        last = a.bus.publish_many([("room", {"text": f"m{i}"}, True) for i in range(100)])[-1]
+    else:
+        last = publish_all(a.bus, "room", "m", 100)[-1]
+    assert admin.xlen(STREAM) == 100  # all within the retention still
+    newest_ms = int(admin.xrevrange(STREAM, count=1)[0][0].split(b"-")[0])
+    wait_until(lambda: redis_ms(admin) > newest_ms + SHORT_RETAIN_S * 1000, "past the retention by Redis's clock")
+    a.bus.publish("room", {"text": "now"})  # a publish trims what is older than the retention
+    assert 10 <= admin.xlen(STREAM) < 10 + 5  # the last 10, in whole macro-nodes of 5
+    assert seqs(a.bus.follow("room", 10).entries) == list(range(last.seq - 8, last.seq + 2))
 
 
 def test_since_gives_what_came_after_or_a_gap(nodes):
