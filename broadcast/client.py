@@ -219,6 +219,14 @@ def _resume_line(recovered: int, gap: dict | None) -> str:
     return "reconnected; some messages could not be recovered"
 
 
+def _lost_line(gap: dict) -> str:
+    """A live gap, as the line a plain-text server sends for it."""
+    missed, reason = gap.get("missed"), _bounded(str(gap.get("reason")))
+    if isinstance(missed, int):
+        return f"{missed} message{'' if missed == 1 else 's'} lost: {reason}"
+    return f"messages may have been lost: {reason}"
+
+
 def _with_query(url: str, **params: str | None) -> str:
     """``url`` with the ``params`` that are not None added to its query."""
     parts = urlsplit(url)
@@ -488,7 +496,10 @@ class Session:
         if not isinstance(ts, (int, float)) or not 0 <= ts <= MAX_TS_S:
             ts = None  # shown with the time it arrived
         if kind == "gap":
-            self.gap = obj
+            if self.replay is None:  # live: the server lost messages of the room (cut off from its other nodes)
+                self._note(_lost_line(obj))
+            else:
+                self.gap = obj  # told with the resume's line
             return
         if kind == "error":
             self._note(f"refused by the server: {_bounded(str(obj.get('reason')))}")

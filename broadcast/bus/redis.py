@@ -84,7 +84,7 @@ class RedisBus:
 
     def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, *,
                  history: int = 0, retention_s: float = RETAIN_S, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
-        self._rooms = rooms  # name -> room, with .deliver(...)
+        self._rooms = rooms  # name -> room, with .deliver(...) and .lost(...)
         self.node_id = node_id
         self._node = node_id.encode()
         self.history = history  # messages a room's history holds here, fetched when a room opens
@@ -321,6 +321,9 @@ class RedisBus:
         else:
             log.warning("room %s: %d messages went past this node while it was cut off from Redis, or behind, "
                         "past the stream's reach (--redis-retention)", room, missed)
+        joined = self._rooms.get(room)
+        if joined is not None:
+            joined.lost(missed)  # its clients hear of it where it happened, before the entry after it
 
     def _on_name_lost(self, room: str, name: str) -> None:
         self.on_name_lost(room, name)

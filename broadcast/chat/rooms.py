@@ -55,6 +55,7 @@ REDIS_UNAVAILABLE = "redis unavailable, try again"
 GAP_TRIMMED = "history does not reach back that far"
 GAP_RESTARTED = "history restarted"
 GAP_AHEAD = "that id is past the room's last message"
+GAP_LOST = "this server was cut off from its other nodes, or fell behind them, past what Redis keeps"
 
 
 def _frame(opcode: Opcode, payload: bytes) -> bytes:
@@ -304,19 +305,45 @@ class Room:
                     shared = text_frame(_NOTICES[kind](self.history.last_id, self.name, ts, sender))
                     if self.feed is None:
                         self._hear_locked(kind, sender)
-            over = []
-            if self._plain and self._plain_feed.append(plain, skip):
-                over += self._over_locked(self._plain)
-            if self._structured and self._structured_feed.append(shared, skip):
-                over += self._over_locked(self._structured)
-            if over:
-                self._behind += [m for m, state in over if state != EVICTED]
-        # Outside the lock: eviction takes each connection's protocol lock.
+            over = self._append_locked(plain, shared, skip)
+        self._evict(over)
+        if over_budget:
+            self._budget.enforce()
+
+    def lost(self, missed: int | None) -> None:
+        """Across nodes: tell every member, in the room's order, that messages went past this node.
+
+        ``missed`` of them were trimmed from the stream before this node
+        read them (bus.streams); None: Redis lost the room, whose history
+        restarts. A structured member gets a ``gap``, a plain one a line.
+        """
+        if missed is None:
+            reason, line = GAP_RESTARTED, "messages may have been lost"
+        else:
+            reason, line = GAP_LOST, f"{missed} message{'' if missed == 1 else 's'} lost"
+        with self.lock:
+            gap = structured.gap(self.history.last_id, self.name, time.time(), missed, reason)
+            over = self._append_locked(text_frame(f"* {line}: {reason}"), text_frame(gap), None)
+        self._evict(over)
+
+    def _append_locked(self, plain: bytes, shared: bytes, skip: int | None) -> list:
+        """Append a frame to each protocol's feed; the members that went over their bound, with their state."""
+        assert self.lock.locked()
+        over = []
+        if self._plain and self._plain_feed.append(plain, skip):
+            over += self._over_locked(self._plain)
+        if self._structured and self._structured_feed.append(shared, skip):
+            over += self._over_locked(self._structured)
+        if over:
+            self._behind += [m for m, state in over if state != EVICTED]
+        return over
+
+    @staticmethod
+    def _evict(over: list) -> None:
+        """Outside the lock: eviction takes each connection's protocol lock."""
         for member, state in over:
             if state == EVICTED:
                 member.evict()
-        if over_budget:
-            self._budget.enforce()
 
     def _hear_locked(self, kind: str, name: str) -> None:
         """Count a join or leave notice of ``name`` as it takes its place in the order."""

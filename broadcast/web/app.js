@@ -199,8 +199,8 @@ function handle(obj) {
       break;
     case "gap":
       notice(obj.missed === null
-        ? `messages from while you were away may be missing (${obj.reason})`
-        : `${obj.missed} message${obj.missed === 1 ? "" : "s"} could not be recovered (${obj.reason})`,
+        ? `messages may be missing (${obj.reason})`
+        : `${obj.missed} message${obj.missed === 1 ? " is" : "s are"} missing (${obj.reason})`,
       "problem", obj.ts);
       break;
     case "error":

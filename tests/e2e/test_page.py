@@ -218,7 +218,7 @@ def test_the_page_reconnects_and_recovers_after_a_server_restart(start_server, b
     again = start_server("--port", str(server.port))
     page.wait_online(timeout=30)
     # The new server's history is a new one: the page says what it could not recover.
-    page.wait_notice("may be missing")
+    page.wait_notice("messages may be missing (history restarted)")
 
     bob = cli(clients, again, "ops", "Bob")
     bob.send("after the restart")

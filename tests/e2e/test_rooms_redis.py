@@ -10,6 +10,7 @@ cut every node at once. Every wait is bounded and ends on an event.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import time
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from broadcast.chat.rooms import GAP_LOST
 from support.process import wait_connections
 from support.proxy import Relay
 from support.redis import wait_health
@@ -213,6 +215,22 @@ def messages_until(ws, last: str) -> list[str]:
     return got
 
 
+def sent_while_stopped(behind, sender) -> tuple[list[str], list[str]]:
+    """BEHIND_BY messages from ``sender`` while ``behind`` is stopped (SIGSTOP): what was sent, and
+    the texts of the sender's own echoes up to the last, every one in the stream by then."""
+    wanted = [f"m{i:04d}" for i in range(BEHIND_BY)]
+    behind.proc.send_signal(signal.SIGSTOP)
+    try:
+        for text in wanted:
+            send(sender, text)
+        reader, echoes = objects(sender), []
+        while echoes[-1:] != wanted[-1:]:
+            echoes.append(reader.next()["text"])
+    finally:
+        behind.proc.send_signal(signal.SIGCONT)
+    return wanted, echoes
+
+
 def test_a_node_held_back_past_the_streams_last_1000_catches_up_with_nothing_lost(node):
     """A node whose reader falls behind (a GC pause, a full CPU; here SIGSTOP) by more than the
     1,000 entries every room keeps, but for less than --redis-retention, reads on with no gap;
@@ -220,17 +238,38 @@ def test_a_node_held_back_past_the_streams_last_1000_catches_up_with_nothing_los
     behind, ahead = node(), node()
     with structured(behind, "Bea") as bea, structured(ahead, "Al") as al:
         wait_connections(behind, 1)
-        wanted = [f"m{i:04d}" for i in range(BEHIND_BY)]
-        behind.proc.send_signal(signal.SIGSTOP)
-        try:
-            for text in wanted:
-                send(al, text)
-            assert messages_until(al, wanted[-1]) == wanted  # all in the stream now
-        finally:
-            behind.proc.send_signal(signal.SIGCONT)
+        wanted, echoes = sent_while_stopped(behind, al)
+        assert echoes == wanted
         assert messages_until(bea, wanted[-1]) == wanted
     for server in (behind, ahead):
         assert "went past this node" not in server.log
+
+
+def test_past_the_streams_reach_every_client_of_the_node_is_told_how_many_it_lost(node, piped):
+    """With --redis-retention 0 the stream keeps its last 1,000 alone (the node that publishes trims):
+    a node held back further tells its structured, plain and CLI clients what it lost, in order."""
+    behind, ahead = node("--redis-retention", "0"), node("--redis-retention", "0")
+    cli = piped("--addr", behind.addr, "--username", "Cli")
+    with structured(behind, "Bea") as bea, ws_connect(url_for(behind, "Pat")) as pat, \
+            structured(ahead, "Al") as al:
+        wait_connections(behind, 3)
+        wanted, _ = sent_while_stopped(behind, al)  # Al's node may fall behind too, with no retention
+        got = []  # what Bea got: texts, and the gap object where it came
+        reader = objects(bea, ("message", "gap"))
+        while got[-1:] != [wanted[-1]]:
+            obj = reader.next()
+            got.append(obj["text"] if obj["kind"] == "message" else obj)
+        (gap,) = [g for g in got if isinstance(g, dict)]
+        assert (gap["kind"], gap["reason"]) == ("gap", GAP_LOST), gap
+        read, missed = got.index(gap), gap["missed"]  # the node may read a first batch before it falls behind
+        assert BEHIND_BY - 1000 - 100 - read <= missed <= BEHIND_BY - 1000 - read  # past the last 1,000
+        assert got == [*wanted[:read], gap, *wanted[read + missed:]]
+        line = f"{missed} messages lost: {GAP_LOST}"
+        assert [said(pat) for _ in range(BEHIND_BY - missed + 1)] == [
+            *[f"[Al] {t}" for t in wanted[:read]], f"* {line}", *[f"[Al] {t}" for t in wanted[read + missed:]]]
+    cli.stderr.wait_for(f"^{re.escape(line)}$", WAIT)
+    cli.stdout.wait_for(f"^\\[Al\\] {wanted[-1]}$", WAIT)
+    assert behind.log.count(f"{missed} messages went past this node") == 1
 
 
 def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, redis_server):

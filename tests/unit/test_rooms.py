@@ -9,7 +9,7 @@ from websockets.frames import Frame, Opcode
 
 from broadcast.ids import MessageId
 from broadcast.chat.presence import NameTaken
-from broadcast.chat.rooms import JOIN, LEAVE, Rooms, RoomSettings
+from broadcast.chat.rooms import GAP_LOST, JOIN, LEAVE, Rooms, RoomSettings
 from broadcast.net.app import Refused
 from broadcast.net.outbox import Outbox
 from support.fakes import FakeTime
@@ -226,6 +226,26 @@ def test_since_from_another_epoch_is_a_gap_then_the_joiners_history():
     gap, history, presence = decoded(back)
     assert (gap["kind"], gap["missed"], gap["reason"]) == ("gap", None, "history restarted")
     assert (history["kind"], history["text"], presence["kind"]) == ("history", "m0", "presence")
+
+
+@pytest.mark.parametrize("missed, line, reason", [
+    (40, b"* 40 messages lost: " + GAP_LOST.encode(), GAP_LOST),
+    (1, b"* 1 message lost: " + GAP_LOST.encode(), GAP_LOST),
+    (None, b"* messages may have been lost: history restarted", "history restarted"),
+])
+def test_messages_lost_across_nodes_are_told_to_every_member_in_the_rooms_order(missed, line, reason):
+    rooms = Rooms()
+    room, plain, _ = joined(rooms, "r", 1, False)
+    _, shared, _ = joined(rooms, "r", 2, True)
+    room.deliver(Opcode.TEXT, b"before")
+    room.lost(missed)
+    room.deliver(Opcode.TEXT, b"after")
+    assert [payload(f) for f in plain.frames] == [b"before", line, b"after"]
+    before, gap, after = decoded(shared)[-3:]
+    assert (gap["kind"], gap["id"], gap["missed"], gap["reason"]) == ("gap", before["id"], missed, reason)
+    assert (before["text"], after["text"]) == ("before", "after")
+    with room.lock:
+        assert [e.payload for e in room.history.last(10)] == [b"before", b"after"]  # the gap is kept nowhere
 
 
 def test_a_member_that_left_keeps_what_came_before_and_gets_nothing_after():
