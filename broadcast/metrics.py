@@ -3,7 +3,8 @@
 prometheus-client writes the text format; this module only decides what is
 counted. Events come in through hooks: ``Metrics`` is the engine's
 ``net.meter.Meter``, and the Redis bus times its publishes with
-``redis_publish_seconds``. What is a state rather than an event
+``redis_publish_seconds`` and counts what went past it in
+``redis_lost_messages``. What is a state rather than an event
 (connections, rooms, history and queued bytes, the Redis state), and the
 tallies the engine keeps on its hot path (frames delivered, bytes sent and
 received, messages), are read from their owners when scraped, by
@@ -47,6 +48,9 @@ class Metrics:
         self.redis_publish_seconds = Histogram(
             "broadcast_redis_publish_seconds", "Time Redis took to take one client message (--redis-url).",
             buckets=REDIS_PUBLISH_BUCKETS_S, registry=registry)
+        self.redis_lost_messages = Counter(
+            "broadcast_redis_lost_messages", "Messages trimmed from their room's Redis stream before this node "
+            "read them; its clients were told with a gap (--redis-url).", registry=registry)
 
     # net.meter.Meter: called at rare events (a refusal, a close, an eviction), from any thread.
 

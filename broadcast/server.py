@@ -85,7 +85,8 @@ class Server:
         self.rooms = Rooms(settings, config.max_rooms, config.history_total_bytes)
         if config.redis_url:
             self.bus = RedisBus(self.rooms, config.redis_url, config.redis_channel, self.node_id,
-                                self.metrics.redis_publish_seconds, history=config.history_size,
+                                self.metrics.redis_publish_seconds, self.metrics.redis_lost_messages,
+                                history=config.history_size,
                                 retention_s=config.redis_retention, presence_ttl_s=config.presence_ttl)
             self.rooms.feed = self.bus
         else:

@@ -82,7 +82,7 @@ RedisUnavailable = Unavailable  # what check() and publish() raise
 class RedisBus:
     """Rooms delivered from their Redis streams, with history, presence and names shared by every node."""
 
-    def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, *,
+    def __init__(self, rooms, url: str, prefix: str, node_id: str, publish_seconds=None, lost_messages=None, *,
                  history: int = 0, retention_s: float = RETAIN_S, presence_ttl_s: float = PRESENCE_TTL_S) -> None:
         self._rooms = rooms  # name -> room, with .deliver(...) and .lost(...)
         self.node_id = node_id
@@ -93,6 +93,7 @@ class RedisBus:
                                   retain_s=retention_s, presence_ttl_s=presence_ttl_s)
         self.url = self.streams.url
         self._publish_seconds = publish_seconds  # a histogram (metrics), or None
+        self._lost_messages = lost_messages  # a counter (metrics), or None
         self._mids = itertools.count(1)  # next() is atomic: a node's own publishes, told apart
         # _lock guards _unechoed; its condition tells settle() an own message came back.
         self._lock = threading.Condition()
@@ -321,6 +322,8 @@ class RedisBus:
         else:
             log.warning("room %s: %d messages went past this node while it was cut off from Redis, or behind, "
                         "past the stream's reach (--redis-retention)", room, missed)
+            if self._lost_messages is not None:
+                self._lost_messages.inc(missed)
         joined = self._rooms.get(room)
         if joined is not None:
             joined.lost(missed)  # its clients hear of it where it happened, before the entry after it

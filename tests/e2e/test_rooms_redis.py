@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
 from broadcast.chat.rooms import GAP_LOST
@@ -94,6 +95,15 @@ def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"not {what} after {timeout}s"
         time.sleep(0.05)
+
+
+def lost_messages(server) -> float:
+    """broadcast_redis_lost_messages_total on ``server``'s /metrics."""
+    status, body = http_get(server, "/metrics")
+    assert status == 200, (status, body)
+    (total,) = [s.value for family in text_string_to_metric_families(body) for s in family.samples
+                if s.name == "broadcast_redis_lost_messages_total"]
+    return total
 
 
 def room_info(server, room: str = "lobby") -> dict:
@@ -243,6 +253,7 @@ def test_a_node_held_back_past_the_streams_last_1000_catches_up_with_nothing_los
         assert messages_until(bea, wanted[-1]) == wanted
     for server in (behind, ahead):
         assert "went past this node" not in server.log
+        assert lost_messages(server) == 0
 
 
 def test_past_the_streams_reach_every_client_of_the_node_is_told_how_many_it_lost(node, piped):
@@ -270,6 +281,7 @@ def test_past_the_streams_reach_every_client_of_the_node_is_told_how_many_it_los
     cli.stderr.wait_for(f"^{re.escape(line)}$", WAIT)
     cli.stdout.wait_for(f"^\\[Al\\] {wanted[-1]}$", WAIT)
     assert behind.log.count(f"{missed} messages went past this node") == 1
+    assert lost_messages(behind) == missed
 
 
 def test_a_node_cut_off_for_10_s_catches_up_in_order_and_refuses_its_own(node, redis_server):
