@@ -87,6 +87,10 @@ RETAIN_S = 60.0
 # of Redis's memory stays bounded (measured: 174 bytes an entry of a 64-byte
 # message, so ~17 MiB), at the price of a shorter reach past ~1,700 a second.
 CAP_ENTRIES = 100_000
+# XTRIM's MINID and LIMIT, which the retention trims with, came in Redis 6.2;
+# on an older Redis the script keeps the count alone (MAX_ENTRIES), as
+# before the retention, and the node warns at start.
+TRIMS_BY_TIME_SINCE = (6, 2)
 # A node's heartbeat, presence and name claims live this long unless
 # refreshed: a node that dies without a word leaves presence, and frees its
 # names, within PRESENCE_TTL_S. Long enough that a Redis stall of a few
@@ -141,8 +145,9 @@ end
 # transaction, so the others are appended all the same. Each room's stream
 # is trimmed once a batch, after its appends: to CAP_ENTRIES, then of what
 # is older than the ms kept, but never below the entries kept at least
-# (LIMIT, which trims whole macro-nodes only). A trim that fails takes
-# nothing back: the entries are in.
+# (LIMIT, which trims whole macro-nodes only); a Redis older than
+# TRIMS_BY_TIME_SINCE trims to the entries kept at least. A trim that fails
+# takes nothing back: the entries are in.
 _PUBLISH = _EPOCH + """
 local names, a = {}, 7
 for s = 1, tonumber(ARGV[6]) do
@@ -171,7 +176,8 @@ local function trim(k, id)
   local over = length - tonumber(ARGV[2])
   if over > 0 then
     local oldest_kept = math.max(0, tonumber(string.match(id, '^%d+')) - tonumber(ARGV[4]))
-    redis.call('XTRIM', stream, 'MINID', '~', string.format('%d-0', oldest_kept), 'LIMIT', over)
+    local trimmed = redis.pcall('XTRIM', stream, 'MINID', '~', string.format('%d-0', oldest_kept), 'LIMIT', over)
+    if type(trimmed) == 'table' and trimmed.err then redis.call('XTRIM', stream, 'MAXLEN', '~', ARGV[2]) end
   end
 end
 local replies = {}
@@ -380,6 +386,15 @@ class StreamsBus:
         writer or the heartbeat gets to it.
         """
         self._call(self._client.set, self._node_key, b"1", px=self.presence_ttl_ms)
+        self._check_version()
+
+    def _check_version(self) -> None:
+        """Warn if this Redis cannot trim by time: --redis-retention is then the last MAX_ENTRIES alone."""
+        version = self._call(self._client.info, "server").get("redis_version", "")
+        if not trims_by_time(str(version)):
+            log.warning("redis %s is version %s: --redis-retention needs %d.%d or later; until then each room's "
+                        "stream keeps its last %d entries alone", self.url, version, *TRIMS_BY_TIME_SINCE,
+                        self.max_entries)
 
     def start(self) -> None:
         self._reader.start()
@@ -565,6 +580,10 @@ class StreamsBus:
             if self._failures:
                 log.info("redis %s is back; catching up from the last entries delivered", self.url)
                 self._failures = 0
+                try:
+                    self._check_version()  # a node started without Redis (--redis-optional) meets it here
+                except Unavailable as exc:
+                    log.debug("version check failed: %s", exc)
             self._reading = True
             by_key = {c.key: (room, c) for room, c in cursors.items()}
             # Looked up without _lock, once an entry: a stale answer delivers one
@@ -711,6 +730,15 @@ class StreamsBus:
                     if lost:
                         log.info("name %s in room %s is held elsewhere now", name, room)
                         self._on_name_lost(room, name)
+
+
+def trims_by_time(version: str) -> bool:
+    """Whether a Redis of ``version`` ("7.0.15") has XTRIM MINID and LIMIT; an unreadable one is taken to."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= TRIMS_BY_TIME_SINCE
 
 
 def _fields(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import redis
 
-from broadcast.bus.streams import Entry, StreamsBus, _Packer
+from broadcast.bus.streams import Entry, StreamsBus, _Packer, trims_by_time
 from broadcast.ids import MessageId
 
 
@@ -58,3 +58,10 @@ def test_the_packer_sends_what_redis_py_would():
     assert pack("CLIENT SETNAME", "reader") == [b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$6\r\nreader\r\n"]
     with pytest.raises(redis.DataError):
         pack("SET", "key", None)
+
+
+@pytest.mark.parametrize("version, trims", [
+    ("7.0.15", True), ("6.2.0", True), ("6.0.16", False), ("5.0.7", False), ("", True), ("255.255.255", True),
+])
+def test_a_redis_before_6_2_is_known_not_to_trim_by_time(version, trims):
+    assert trims_by_time(version) is trims
