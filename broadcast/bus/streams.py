@@ -383,7 +383,8 @@ class StreamsBus:
 
         The check is the node's first heartbeat: a node is alive to the
         others before its first client joins, not only once the presence
-        writer or the heartbeat gets to it.
+        writer or the heartbeat gets to it. It also says whether this Redis
+        can keep --redis-retention (``_check_version``).
         """
         self._call(self._client.set, self._node_key, b"1", px=self.presence_ttl_ms)
         self._check_version()
