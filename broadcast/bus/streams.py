@@ -74,8 +74,8 @@ log = logging.getLogger(__name__)
 
 ENVELOPE_VERSION = 1  # of the stream entry's fields (the pub/sub bus's envelope, gone, counted apart)
 # Entries each room's stream keeps at least, whatever their age (trims are
-# in whole macro-nodes, so a few more): how far back a joiner's history and
-# a client's recovery reach.
+# in whole macro-nodes, so a few more): how far back the history a room
+# takes from Redis as it opens on a node reaches.
 MAX_ENTRIES = 1000
 # Every entry younger than this stays too (the newest entry's time less
 # this, Redis's clock): a node that falls behind, or is cut off, for less
@@ -191,14 +191,13 @@ end
 for k, id in pairs(newest) do pcall(trim, k, id) end
 return replies
 """
-# ARGV: a fresh epoch, how many messages at most, and '' (the last ones) or a
-# SEQ (only those after it). Newest first, notes left out; the newest stream
+# ARGV: a fresh epoch, how many messages at most (the last ones). Newest
+# first, notes left out; the newest stream
 # id comes back even when no entry is asked for, as the reader's cursor.
 _READ = _EPOCH + """
 local epoch = room_epoch(1)
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local n = tonumber(ARGV[2])
-if ARGV[3] ~= '' then n = math.max(0, math.min(n, last - tonumber(ARGV[3]))) end
 local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local top = '0-0'
 if newest[1] then top = newest[1][1] end
@@ -265,17 +264,11 @@ class Entry(NamedTuple):
 
 class Replay(NamedTuple):
     """What Redis holds of a room: its ``epoch``, its ``last_seq``, ``entries`` oldest first.
-
-    From ``since``, ``missed`` reads as chat.history.Recovery's: 0, the
-    entries are exactly what came after; > 0, that many are gone before them;
-    None, the epoch is not the room's (or the SEQ is past its last), so
-    ``entries`` is empty. From ``follow``, ``missed`` is 0.
     """
 
     epoch: str
     last_seq: int
     entries: list[Entry]
-    missed: int | None
 
 
 class _Cursor:
@@ -291,7 +284,7 @@ class _Cursor:
 
 
 class StreamsBus:
-    """A node's rooms on Redis Streams: publish, follow with history, recover, presence, names.
+    """A node's rooms on Redis Streams: publish, follow with history, presence, names.
 
     ``on_entry(entry)`` and ``on_gap(room, epoch, missed)`` are called from
     the reader thread only, in each room's order; ``missed`` is None when
@@ -486,36 +479,24 @@ class StreamsBus:
         Following a room already followed returns its history without
         moving the reader. Unavailable if Redis does not answer.
         """
-        replay, top = self._fetch(room, min(history, self.max_entries), None)
-        key = self._room_key(room, "stream").encode()
-        with self._lock:
-            if room not in self._cursors:
-                self._cursors[room] = _Cursor(key, top, replay.epoch, replay.last_seq)
-        return replay
-
-    def unfollow(self, room: str) -> None:
-        """Deliver nothing more of ``room``; its stream stays in Redis for the other nodes."""
-        with self._lock:
-            self._cursors.pop(room, None)
-
-    def since(self, room: str, epoch: str, seq: int) -> Replay:
-        """For recovery: the entries of ``room`` after ``EPOCH:SEQ``, or how many are gone (see Replay)."""
-        replay, _ = self._fetch(room, self.max_entries, seq)
-        if epoch != replay.epoch or seq > replay.last_seq:
-            return Replay(replay.epoch, replay.last_seq, [], None)
-        after = [e for e in replay.entries if e.id.seq > seq]
-        return replay._replace(entries=after, missed=replay.last_seq - seq - len(after))
-
-    def _fetch(self, room: str, count: int, after: int | None) -> tuple[Replay, bytes]:
-        args = [new_epoch(), count, "" if after is None else after]
-        epoch, last, top, raw = self._call(self._read, keys=self._room_keys(room), args=args)
+        epoch, last, top, raw = self._call(self._read, keys=self._room_keys(room),
+                                           args=[new_epoch(), min(history, self.max_entries)])
         epoch = epoch.decode()
         entries = []
         for _, flat in reversed(raw):
             entry = self._decode(room, flat)
             if entry is not None and entry.id.epoch == epoch:
                 entries.append(entry)
-        return Replay(epoch, last, entries, 0), top
+        key = self._room_key(room, "stream").encode()
+        with self._lock:
+            if room not in self._cursors:
+                self._cursors[room] = _Cursor(key, top, epoch, last)
+        return Replay(epoch, last, entries)
+
+    def unfollow(self, room: str) -> None:
+        """Deliver nothing more of ``room``; its stream stays in Redis for the other nodes."""
+        with self._lock:
+            self._cursors.pop(room, None)
 
     def _decode(self, room: str, flat: list[bytes]) -> Entry | None:
         """The entry from its fields as Redis sends them (name, value, ...), or None for an envelope
