@@ -12,7 +12,10 @@ signal interrupts, so when the server goes away the reader thread records why
 and sends SIGINT to the main thread until it stops reading input. A SIGINT
 handler that raises KeyboardInterrupt once, and then ignores SIGINT, gives the
 user's Ctrl+C and the reader's signal one single path out, and no second
-signal can land while the client is closing.
+signal can land while the client is closing. Inside prompt_toolkit's prompt
+it raises nothing: an exception at any point there could cut its event
+loop's making or closing short, so the prompt is told to end instead, as
+its own Ctrl+C ends it (``Session._on_signal``).
 
 A server that speaks ``broadcast.v1`` sends JSON objects with ids: the reader
 shows them as the same lines a plain-text server sends, keeps the last id,
@@ -287,6 +290,11 @@ class Session:
         self.expected: collections.deque[str] = collections.deque()  # echoes of what we sent
         self.whos = 0  # presence objects owed to /who
         self.input_done = threading.Event()  # the main thread no longer reads input
+        # The main thread's own, and its signal handler's (see _on_signal): the
+        # prompt, whether the thread is inside it, and whether a signal came meanwhile.
+        self.prompt: PromptSession | None = None
+        self.in_prompt = False
+        self.interrupted = False
         self.reader_done = threading.Event()
         self.stopped = threading.Event()  # the user ended the session: a reconnection stops waiting
         # The reader's own: where the session is, and what a resume has replayed so far.
@@ -308,7 +316,8 @@ class Session:
 
     def run(self) -> int:
         # Ends the session the way Ctrl+C does: a logger under systemd gets SIGTERM.
-        signal.signal(signal.SIGTERM, _interrupt_once)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
         # Started inside the try: the reader may signal as soon as it runs.
         reader = threading.Thread(target=self._read, name="reader", daemon=True)
         try:
@@ -351,12 +360,48 @@ class Session:
         # A position report only sizes menus below the prompt, which we have
         # none of; a terminal that cannot answer would get a warning instead.
         output.enable_cpr = False
-        prompt = PromptSession(PROMPT, output=output)
+        self.prompt = prompt = PromptSession(PROMPT, output=output)
         while True:
+            self.in_prompt = True
             try:
-                yield prompt.prompt()
+                # Its own SIGINT handler would answer the reader's repeated
+                # signals, ending a prompt that has ended; _on_signal does.
+                line = prompt.prompt(pre_run=self._prompt_started, handle_sigint=False)
             except EOFError:
                 return
+            finally:
+                self.in_prompt = False
+            if self.interrupted:
+                raise KeyboardInterrupt  # it came as the line did
+            yield line
+
+    def _on_signal(self, signum, frame) -> None:
+        """The user's Ctrl+C or SIGTERM, or the reader's SIGINT: the session ends, once.
+
+        Outside the prompt it raises KeyboardInterrupt where the main thread
+        is. Inside, it asks the prompt's event loop to end it; before the
+        loop runs, the prompt ends as it starts (``_prompt_started``), and
+        one that returns a line meanwhile is ended after it.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not self.in_prompt:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        loop = self.prompt.app.loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: the prompt is returning
+                loop.call_soon_threadsafe(self._end_prompt)
+
+    def _prompt_started(self) -> None:
+        if self.interrupted:
+            self._end_prompt()
+
+    def _end_prompt(self) -> None:
+        """In the prompt's event loop: end it as Ctrl+C does, unless it is over already."""
+        future = self.prompt.app.future
+        if future is not None and not future.done():
+            self.prompt.app.exit(exception=KeyboardInterrupt())
 
     def _send_input(self) -> None:
         for line in self._lines():
