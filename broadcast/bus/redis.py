@@ -289,6 +289,10 @@ class RedisBus:
         """The other nodes' members of ``room``: (names, anonymous); Unavailable if Redis does not answer."""
         return self.streams.presence(room, others=True)
 
+    def rooms_elsewhere(self) -> dict[str, tuple[int, int]]:
+        """The rooms the other nodes have members in: name -> (named, anonymous); Unavailable likewise."""
+        return self.streams.rooms(others=True)
+
     # Stream reader thread.
 
     def _on_entry(self, entry: Entry) -> None:

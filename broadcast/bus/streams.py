@@ -33,6 +33,7 @@ Keys (``P`` is the prefix, one per deployment)::
     P:room:ROOM:nodes           the nodes that have written presence for the room
     P:room:ROOM:presence:NODE   NODE's members of the room, JSON, with PRESENCE_TTL_S
     P:room:ROOM:name:NAME       the session token holding NAME in the room, with PRESENCE_TTL_S
+    P:rooms                     every room some node has members in, scored by when that lapses (ms)
     P:node:NODE                 NODE's heartbeat, with PRESENCE_TTL_S
 
 The envelope is the entry's fields: ``v`` (ENVELOPE_VERSION), ``epoch``,
@@ -620,6 +621,7 @@ class StreamsBus:
             pipe.set(self._node_key, b"1", px=self.presence_ttl_ms)
             pipe.set(key, value, px=self.presence_ttl_ms)
             pipe.sadd(self._room_key(room, "nodes"), self.node_id)
+            pipe.zadd(self._rooms_key, {room: self._lapses_ms()})
         else:
             pipe.delete(key)
             pipe.srem(self._room_key(room, "nodes"), self.node_id)
@@ -627,6 +629,45 @@ class StreamsBus:
             pipe.execute()
         except redis.RedisError as exc:
             log.debug("presence of %s not written now (%s); the heartbeat will", room, exc)
+
+    @property
+    def _rooms_key(self) -> str:
+        return f"{self.prefix}:rooms"
+
+    def _lapses_ms(self) -> int:
+        """When what this node writes of its rooms now lapses unless the heartbeat renews it, in ms."""
+        return int(time.time() * 1000) + self.presence_ttl_ms
+
+    def rooms(self, others: bool = False) -> dict[str, tuple[int, int]]:
+        """Every room some live node (``others``: but this one) has members in: name -> (named, anonymous).
+
+        Three round trips whatever the number of rooms. Unavailable if Redis does not answer.
+        """
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zremrangebyscore(self._rooms_key, "-inf", int(time.time() * 1000))
+        pipe.zrange(self._rooms_key, 0, -1)
+        names = [name.decode() for name in self._call(pipe.execute)[1]]
+        pipe = self._client.pipeline(transaction=False)
+        for room in names:
+            pipe.smembers(self._room_key(room, "nodes"))
+        wanted = [(room, sorted(n.decode() for n in nodes if not (others and n.decode() == self.node_id)))
+                  for room, nodes in zip(names, self._call(pipe.execute), strict=True)]
+        pipe = self._client.pipeline(transaction=False)
+        for room, nodes in wanted:
+            if nodes:
+                pipe.mget([f"{self.prefix}:node:{n}" for n in nodes])
+                pipe.mget([self._room_key(room, f"presence:{n}") for n in nodes])
+        answers = iter(self._call(pipe.execute))
+        counts = {}
+        for room, nodes in wanted:
+            if not nodes:
+                continue
+            alive, held = next(answers), next(answers)
+            members = [json.loads(value) for beat, value in zip(alive, held, strict=True)
+                       if beat is not None and value is not None]  # else it died, or left
+            if members:
+                counts[room] = (sum(len(m["users"]) for m in members), sum(m["anonymous"] for m in members))
+        return counts
 
     def presence(self, room: str, others: bool = False) -> tuple[list[str], int]:
         """Every live node's members of ``room`` (``others``: but this node's): (sorted names, anonymous count).
@@ -692,14 +733,16 @@ class StreamsBus:
                 presence, claims = dict(self._presence), list(self._claims.items())
             pipe = self._client.pipeline(transaction=False)
             pipe.set(self._node_key, b"1", px=self.presence_ttl_ms)
+            lapses = self._lapses_ms()
             for room, value in presence.items():
                 pipe.set(self._room_key(room, f"presence:{self.node_id}"), value, px=self.presence_ttl_ms)
                 pipe.sadd(self._room_key(room, "nodes"), self.node_id)
+                pipe.zadd(self._rooms_key, {room: lapses})
             for (room, name), token in claims:
                 self._renew(keys=[self._room_key(room, f"name:{name}")],
                             args=[self._holder(token), self.presence_ttl_ms], client=pipe)
             try:
-                renewed = pipe.execute()[1 + 2 * len(presence):]
+                renewed = pipe.execute()[1 + 3 * len(presence):]
             except redis.RedisError as exc:
                 log.debug("heartbeat failed: %s", exc)
                 continue

@@ -499,17 +499,30 @@ class Rooms(dict):
                     self._remove_locked(room)
 
     def listing(self) -> list[dict]:
-        """For ``GET /rooms``: every room with someone in it or history, with its counts, by name."""
+        """For ``GET /rooms``: every room with someone in it or history here, or members on another node,
+        with its counts, by name.
+
+        The other nodes' rooms are asked of Redis with no lock held; while
+        it does not answer, the list is this node's alone.
+        """
+        others: dict[str, tuple[int, int]] = {}
+        if self.feed is not None:
+            try:
+                others = self.feed.rooms_elsewhere()
+            except ConnectionError:
+                pass
         with self._lock:
             self._sweep_locked()
-            rooms = sorted(self.values(), key=lambda room: room.name)
-        listed = []
-        for room in rooms:
+            here = list(self.values())
+        counts = dict.fromkeys(others.keys() | {room.name for room in here}, (0, 0))
+        counts.update(others)
+        for room in here:
             with room.lock:
                 presence = room.presence
-                listed.append({"room": room.name, "users": len(presence) - presence.anonymous,
-                               "anonymous": presence.anonymous})
-        return listed
+                named, anonymous = counts[room.name]
+                counts[room.name] = (named + len(presence) - presence.anonymous, anonymous + presence.anonymous)
+        return [{"room": name, "users": named, "anonymous": anonymous}
+                for name, (named, anonymous) in sorted(counts.items())]
 
     def online(self) -> int:
         """Members of all rooms, for /healthz."""
