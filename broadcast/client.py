@@ -364,8 +364,8 @@ class Session:
         while True:
             self.in_prompt = True
             try:
-                # Its own SIGINT handler would answer the reader's repeated
-                # signals, ending a prompt that has ended; _on_signal does.
+                # Not prompt_toolkit's SIGINT handler: it would answer each of
+                # the reader's repeated signals, and end a prompt already ended.
                 line = prompt.prompt(pre_run=self._prompt_started, handle_sigint=False)
             except EOFError:
                 return
