@@ -650,21 +650,19 @@ class StreamsBus:
         pipe = self._client.pipeline(transaction=False)
         for room in names:
             pipe.smembers(self._room_key(room, "nodes"))
-        wanted = [(room, sorted(n.decode() for n in nodes if not (others and n.decode() == self.node_id)))
-                  for room, nodes in zip(names, self._call(pipe.execute), strict=True)]
+        sets = self._call(pipe.execute)
+        wanted = [(room, self._nodes(nodes, others)) for room, nodes in zip(names, sets, strict=True)]
         pipe = self._client.pipeline(transaction=False)
         for room, nodes in wanted:
             if nodes:
-                pipe.mget([f"{self.prefix}:node:{n}" for n in nodes])
-                pipe.mget([self._room_key(room, f"presence:{n}") for n in nodes])
+                for keys in self._presence_keys(room, nodes):
+                    pipe.mget(keys)
         answers = iter(self._call(pipe.execute))
         counts = {}
         for room, nodes in wanted:
             if not nodes:
                 continue
-            alive, held = next(answers), next(answers)
-            members = [json.loads(value) for beat, value in zip(alive, held, strict=True)
-                       if beat is not None and value is not None]  # else it died, or left
+            members, _ = self._live(nodes, next(answers), next(answers))
             if members:
                 counts[room] = (sum(len(m["users"]) for m in members), sum(m["anonymous"] for m in members))
         return counts
@@ -675,22 +673,34 @@ class StreamsBus:
         Unavailable if Redis does not answer.
         """
         nodes_key = self._room_key(room, "nodes")
-        nodes = sorted(n.decode() for n in self._call(self._client.smembers, nodes_key)
-                       if not (others and n.decode() == self.node_id))
+        nodes = self._nodes(self._call(self._client.smembers, nodes_key), others)
         if not nodes:
             return [], 0
-        alive = self._call(self._client.mget, [f"{self.prefix}:node:{n}" for n in nodes])
-        held = self._call(self._client.mget, [self._room_key(room, f"presence:{n}") for n in nodes])
-        users: list[str] = []
-        anonymous = 0
-        for node, beat, value in zip(nodes, alive, held):
-            if beat is None or value is None:  # its heartbeat expired: it died, or left
-                self._call(self._client.srem, nodes_key, node)
-                continue
-            members = json.loads(value)
-            users += members["users"]
-            anonymous += members["anonymous"]
-        return sorted(users), anonymous
+        beats, held = self._presence_keys(room, nodes)
+        members, lapsed = self._live(nodes, self._call(self._client.mget, beats), self._call(self._client.mget, held))
+        for node in lapsed:
+            self._call(self._client.srem, nodes_key, node)
+        return sorted(name for m in members for name in m["users"]), sum(m["anonymous"] for m in members)
+
+    def _nodes(self, members: set[bytes], others: bool) -> list[str]:
+        """A room's ``nodes`` set as node ids, sorted; ``others``: but this node."""
+        return sorted(node for node in (m.decode() for m in members) if not (others and node == self.node_id))
+
+    def _presence_keys(self, room: str, nodes: list[str]) -> tuple[list[str], list[str]]:
+        """Each of ``nodes``' heartbeat key, and its presence key for ``room``."""
+        return [f"{self.prefix}:node:{n}" for n in nodes], [self._room_key(room, f"presence:{n}") for n in nodes]
+
+    @staticmethod
+    def _live(nodes: list[str], beats: list, held: list) -> tuple[list[dict], list[str]]:
+        """The members of each node whose heartbeat and presence are there, decoded; and those whose
+        are not (it died, or left)."""
+        members, lapsed = [], []
+        for node, beat, value in zip(nodes, beats, held, strict=True):
+            if beat is None or value is None:
+                lapsed.append(node)
+            else:
+                members.append(json.loads(value))
+        return members, lapsed
 
     def claim(self, room: str, name: str, token: str) -> bool:
         """Hold ``name`` in ``room`` across nodes under ``token``; False if another token holds it.

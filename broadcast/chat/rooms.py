@@ -306,7 +306,8 @@ class Room:
                     if self.feed is None:
                         self._hear_locked(kind, sender)
             over = self._append_locked(plain, shared, skip)
-        self._evict(over)
+        if over:  # rarely: a feed's segment filled
+            self._evict(over)
         if over_budget:
             self._budget.enforce()
 
@@ -514,12 +515,11 @@ class Rooms(dict):
         with self._lock:
             self._sweep_locked()
             here = list(self.values())
-        counts = dict.fromkeys(others.keys() | {room.name for room in here}, (0, 0))
-        counts.update(others)
+        counts = dict(others)
         for room in here:
             with room.lock:
                 presence = room.presence
-                named, anonymous = counts[room.name]
+                named, anonymous = counts.get(room.name, (0, 0))
                 counts[room.name] = (named + len(presence) - presence.anonymous, anonymous + presence.anonymous)
         return [{"room": name, "users": named, "anonymous": anonymous}
                 for name, (named, anonymous) in sorted(counts.items())]
