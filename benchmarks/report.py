@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .scenarios import CAPACITY_DIAL_CONCURRENCY
+from .scenarios import CAPACITY_DIAL_CONCURRENCY, PEERS
 from .servers import NAMES
 
 # Per receiver and publisher: sequence numbers skipped (a later one came),
@@ -104,7 +104,8 @@ def median(values: list, never_last: bool = False):
 def summarize(results: dict) -> dict:
     """{scenario: {kind: [run metrics]}} -> medians per kind, and ours / peer.
 
-    "ratio" is ours / the best peer, "best" names it, "vs" has ours / each peer.
+    "ratio" is ours / the best peer, "best" names it, "vs" has ours / each peer
+    and / the design floor, which is no peer; "floor" has the floor / the best peer.
     """
     summary = {}
     for scenario, by_kind in results.items():
@@ -112,17 +113,20 @@ def summarize(results: dict) -> dict:
                 if isinstance(v, (int, float)) or v is None}
         med = {kind: {k: median([run.get(k) for run in runs], k in NEVER) for k in sorted(keys)}
                for kind, runs in by_kind.items() if runs}
-        ratio, best, vs = {}, {}, {}
+        ratio, best, vs, floor = {}, {}, {}, {}
         ours = med.get("ours", {})
         for k, higher in RATIOS.items():
-            peers = {kind: m[k] for kind, m in med.items() if kind != "ours" and m.get(k)}
+            others = {kind: m[k] for kind, m in med.items() if kind != "ours" and m.get(k)}
+            peers = {kind: value for kind, value in others.items() if kind in PEERS}
             if ours.get(k) is None or not peers:
                 continue
-            for kind, value in peers.items():
+            for kind, value in others.items():
                 vs.setdefault(kind, {})[k] = ours[k] / value
             best[k] = (max if higher else min)(peers, key=peers.get)
             ratio[k] = ours[k] / peers[best[k]]
-        entry = {"median": med, "ratio": ratio, "best": best, "vs": vs}
+            if "floor" in others:
+                floor[k] = others["floor"] / peers[best[k]]
+        entry = {"median": med, "ratio": ratio, "best": best, "vs": vs, "floor": floor}
         spec = OURS_ONLY.get(scenario)
         if spec and "ours" in med:  # ratios of medians to our own single node, same run
             entry["ratio_to"] = "ours single node without Redis"
@@ -259,7 +263,32 @@ def table(summary: dict, target_rows: list[dict], missing: dict | None = None) -
     for row in target_rows:
         verdict = {True: "MET", False: "MISSED", None: "-"}[row["met"]]
         lines.append(f"  {verdict:<7} {row['target']:<50} {row['shown']}")
+    lines += _floor_lines(summary)
     return "\n".join(lines)
+
+
+def _floor_lines(summary: dict) -> list[str]:
+    """Where the design floor stands against the same targets: what is past it is past the design."""
+    def floor(scenario: str, key: str):
+        return summary.get(scenario, {}).get("floor", {}).get(key)
+
+    p99, rate = floor("latency", "p99_ms"), summary.get("capacity", {}).get("median", {}).get("floor", {})
+    if p99 is None and not rate:
+        return []
+    lines = ["", f"The {NAMES['floor']} (benchmarks/peers/threaded_floor.py: a thread per connection and websockets'",
+             "Sans-I/O, nothing else), same run:"]
+    if p99 is not None:
+        best = NAMES[summary["latency"]["best"]["p99_ms"]]
+        lines.append(f"  latency p99 {fmt(summary['latency']['median']['floor'].get('p99_ms'), '{:.2f}')} ms, "
+                     f"{p99:.2f}x {best}'s; ours is {summary['latency']['vs']['floor']['p99_ms']:.2f}x the floor's")
+    first = rate.get("connect_first_per_s")
+    if first is not None:
+        ref = summary["capacity"]["median"].get("ref", {}).get("connect_first_per_s")
+        against = f", {first / ref:.2f}x websockets'" if ref else ""
+        ours = summary["capacity"]["vs"].get("floor", {}).get("connect_first_per_s")
+        lines.append(f"  connects/s, first ones {first:,.0f}{against}"
+                     + (f"; ours is {ours:.2f}x the floor's" if ours is not None else ""))
+    return lines
 
 
 def read_json(path: Path) -> dict:

@@ -625,5 +625,12 @@ SCENARIOS = {
 # its thousands of connections would push --quick past its 2 minutes.
 FULL_ONLY = ("capacity-19k",)
 # Which servers each scenario runs against (default: all, in turn, every repeat).
-KINDS = ("ours", "ref", "picows", "socketify", "gorilla")
-SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "capacity-19k": ("ours",), "history-fanout": ("ours",), "history-join": ("ours",)}
+KINDS = ("ours", "ref", "picows", "socketify", "gorilla", "floor")
+# The peers a user would pick: what "the best peer" is chosen from.
+PEERS = ("ref", "picows", "socketify", "gorilla")
+_ALL_BUT_FLOOR = ("ours", *PEERS)
+# The design floor (peers/threaded_floor.py) runs where a target is at or past it:
+# latency and connecting; elsewhere it would only lengthen the run.
+SCENARIO_KINDS = {"redis-latency": ("ours",), "redis-fanout": ("ours",), "capacity-19k": ("ours",),
+                  "history-fanout": ("ours",), "history-join": ("ours",), "latency": KINDS, "capacity": KINDS}
+SCENARIO_KINDS.update({name: _ALL_BUT_FLOOR for name in SCENARIOS if name not in SCENARIO_KINDS})

@@ -52,11 +52,12 @@ _PR_SET_PDEATHSIG = 1
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 NAMES = {"ours": "broadcast", "ref": "websockets", "picows": "picows", "socketify": "socketify",
-         "gorilla": "gorilla hub"}
+         "gorilla": "gorilla hub", "floor": "design floor"}
 # The peers written in Python: the module each runs, and what it imports.
 PYTHON_PEERS = {"ref": ("benchmarks.reference_server", "websockets"),
                 "picows": ("benchmarks.peers.picows_server", "picows"),
-                "socketify": ("benchmarks.peers.socketify_server", "socketify")}
+                "socketify": ("benchmarks.peers.socketify_server", "socketify"),
+                "floor": ("benchmarks.peers.threaded_floor", "websockets")}
 # The Go peer is built at every run (go's build cache makes a rebuild ~0.1 s)
 # against Debian's golang-github-gorilla-websocket-dev in GOPATH mode, since
 # Go modules cannot be fetched here.
