@@ -194,7 +194,7 @@ def profile_run(args: argparse.Namespace) -> int:
     pool = LoadPool(args.procs)
     try:
         with open(RESULTS / "servers.log", "w") as log:
-            metrics = SCENARIOS[args.scenario]("ours", pool, Context(plan, log, on_window=profiler))
+            metrics = SCENARIOS[args.scenario]("ours", pool, Context(plan, log, on_window=profiler, on_connects=profiler.connects))
     finally:
         pool.close()
         profiler.wait()

@@ -12,7 +12,9 @@ import collections
 import math
 import re
 import shutil
+import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 # Samples per second: a few thousand samples over a window, little load on the machine.
@@ -31,14 +33,26 @@ class Profiler:
         self.gil = gil
         self.proc: subprocess.Popen | None = None
 
-    def __call__(self, server, seconds: float) -> None:
+    def __call__(self, server, seconds: float | None) -> None:
+        """Sample ``server`` (ours only) for ``seconds``, or until ``stop`` if None; once per profile."""
         if server.kind != "ours" or self.proc is not None:
             return
-        cmd = ["py-spy", "record", "--pid", str(server.pid), "--duration", str(math.floor(seconds)),
-               "--rate", str(RATE_HZ), "--format", "raw", "--output", str(self.out), "--nonblocking"]
+        cmd = ["py-spy", "record", "--pid", str(server.pid), "--rate", str(RATE_HZ), "--format", "raw",
+               "--output", str(self.out), "--nonblocking"]
+        if seconds is not None:
+            cmd += ["--duration", str(math.floor(seconds))]
         if self.gil:
             cmd.append("--gil")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def connects(self, server) -> Callable[[], None]:
+        """``on_connects``: sample ``server`` from now until the returned call (py-spy writes its profile on SIGINT)."""
+        self(server, None)
+        return self.stop
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
 
     def wait(self) -> None:
         if self.proc is not None:

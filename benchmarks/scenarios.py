@@ -137,6 +137,10 @@ class Context:
     # Called as on_window(server, seconds) when a measured window opens: the
     # profiler's way in.
     on_window: object = None
+    # Called as on_connects(server) as capacity starts dialling, since what it
+    # measures is the connecting, not its window (one broadcast); what it
+    # returns is called once every client is up.
+    on_connects: object = None
     # Runs so far per scenario, for those that alternate their variants' order.
     turns: dict = field(default_factory=dict)
 
@@ -433,8 +437,11 @@ def capacity(held: str, ours_args: tuple[str, ...] = ()):
                 job.tail_conns = job.subscribers + len(job.publishers) - share
                 job.sources = source_addresses(i)
             seen = {}
+            profiled = ctx.on_connects(server) if ctx.on_connects and kind == "ours" else None
 
             def settled(ready) -> None:
+                if profiled:
+                    profiled()
                 firsts, tails = [r["t_rate_ns"] for r in ready], [r["t_tail_ns"] for r in ready]
                 if None not in firsts:  # every process got its share of the first rate_conns up
                     seen["rate"] = plan.rate_conns / ((max(firsts) - min(r["t_first_ns"] for r in ready)) / 1e9)
