@@ -60,6 +60,8 @@ START_LEAD_S = 0.2
 # After a burst of connects the server needs a moment before its RSS and
 # thread count stop moving (threads finish starting, buffers are touched).
 SETTLE_S = 1.0
+# --quick's, which measures nothing: 4 settles per server were a tenth of its 2 minutes.
+QUICK_SETTLE_S = 0.3
 # Capacity: the single broadcast is sent in this window, and must reach
 # everyone within the drain time or it counts as not reached.
 CAPACITY_SEND_S = 0.2
@@ -83,6 +85,9 @@ SERVER_FD_RESERVE = 64
 # Messages still in flight when the window closes get this long to arrive;
 # what has not arrived by then is reported as undelivered, not lost.
 DRAIN_S = 5.0
+# --quick's: the peers that fall behind at fan-out 1,000 waited out the whole
+# drain, 10 s of its 2 minutes.
+QUICK_DRAIN_S = 2.0
 # Extra time the coordinator allows the load processes to report.
 RESULT_MARGIN_S = 30.0
 # history-join: the room is filled with this many messages (our default
@@ -105,6 +110,8 @@ class Plan:
     rate_conns: int = 5_000  # connects/s over the first this many of them, and over the last
     fanout_measure_s: float = 10.0
     held_conns: int = HELD_CONNS  # capacity-19k, in 1 repeat: it is ours only
+    drain_s: float = DRAIN_S
+    settle_s: float = SETTLE_S
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -117,7 +124,7 @@ class Plan:
         if quick:
             return cls(warmup_s=0.3, measure_s=1.0, slow_measure_s=1.0,
                        capacity_conns=2_000, capacity_repeats=1, rate_conns=1_000, fanout_measure_s=1.0,
-                       held_conns=3_000)
+                       held_conns=3_000, drain_s=QUICK_DRAIN_S, settle_s=QUICK_SETTLE_S)
         return cls(warmup_s=1.0, measure_s=5.0, slow_measure_s=7.0,
                    capacity_conns=10_000, capacity_repeats=2, rate_conns=5_000, fanout_measure_s=5.0)
 
@@ -277,7 +284,7 @@ def fanout(subscribers: int, ours_args: tuple[str, ...] = ()):
         with started(kind, ctx.log, extra.get(kind, ())) as server:
             jobs = _jobs(pool, server, subscribers, [Publisher(0)], stream=True, window=window,
                          size=FANOUT_SIZE_BYTES,
-                         warmup_s=plan.warmup_s, measure_s=plan.fanout_measure_s, drain_s=DRAIN_S)
+                         warmup_s=plan.warmup_s, measure_s=plan.fanout_measure_s, drain_s=plan.drain_s)
             return _drive(ctx, pool, server, jobs)
     return run
 
@@ -287,7 +294,7 @@ def latency(kind: str, pool: LoadPool, ctx: Context) -> dict:
     with started(kind, ctx.log) as server:
         jobs = _jobs(pool, server, LATENCY_SUBSCRIBERS, [Publisher(0, rate=LATENCY_RATE_HZ)],
                      size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.measure_s,
-                     drain_s=DRAIN_S)
+                     drain_s=plan.drain_s)
         return _drive(ctx, pool, server, jobs)
 
 
@@ -379,7 +386,7 @@ def _redis_nodes(pool: LoadPool, ctx: Context, subscribers: int, publisher: Publ
         for label, node, nprocs, nsubs in zip(REDIS_NODES, nodes, procs, subs, strict=True):
             groups[label] = list(range(len(jobs), len(jobs) + nprocs))
             jobs += [Job(HOST, node.port, subscribers=n, total_publishers=1, warmup_s=plan.warmup_s,
-                         measure_s=measure_s, drain_s=DRAIN_S, **load)
+                         measure_s=measure_s, drain_s=plan.drain_s, **load)
                      for n in _split(nsubs, nprocs)]
         jobs[0].publishers.append(publisher)
         cpu_parts = {"node_a": nodes[0], "node_b": nodes[1], "redis": redis}
@@ -403,7 +410,7 @@ def many_publishers(kind: str, pool: LoadPool, ctx: Context) -> dict:
             for i in range(MANY_PUBLISHERS)]
     with started(kind, ctx.log) as server:
         jobs = _jobs(pool, server, 0, pubs, size=SMALL_SIZE_BYTES, warmup_s=plan.warmup_s,
-                     measure_s=plan.measure_s, drain_s=DRAIN_S)
+                     measure_s=plan.measure_s, drain_s=plan.drain_s)
         return _drive(ctx, pool, server, jobs)
 
 
@@ -426,7 +433,7 @@ def capacity(held: str, ours_args: tuple[str, ...] = ()):
                 raise RuntimeError(f"{n:,} connections need an open-files limit of {need:,}; "
                                    f"ulimit -Hn is {limit:,}")
         with started(kind, ctx.log, ours_args if kind == "ours" else ()) as server:
-            time.sleep(SETTLE_S)
+            time.sleep(plan.settle_s)
             rss_before = server.rss_bytes()
             jobs = _jobs(pool, server, n - 1, [Publisher(0, rate=1.0, max_count=1, counted=True)],
                          size=SMALL_SIZE_BYTES, measure_s=CAPACITY_SEND_S,
@@ -447,7 +454,7 @@ def capacity(held: str, ours_args: tuple[str, ...] = ()):
                     seen["rate"] = plan.rate_conns / ((max(firsts) - min(r["t_first_ns"] for r in ready)) / 1e9)
                 if None not in tails:  # ... and of the last ones
                     seen["last"] = plan.rate_conns / ((max(r["t_last_ns"] for r in ready) - max(tails)) / 1e9)
-                time.sleep(SETTLE_S)
+                time.sleep(plan.settle_s)
                 seen["rss"] = server.rss_bytes()
                 seen["threads"] = server.threads()
 
@@ -473,7 +480,7 @@ def _slow_run(kind: str, pool: LoadPool, ctx: Context, slow: int) -> dict:
     with started(kind, ctx.log) as server:
         jobs = _jobs(pool, server, SLOW_SUBSCRIBERS, [Publisher(0, rate=SLOW_RATE_HZ)], slow=slow,
                      size=SLOW_SIZE_BYTES, warmup_s=plan.warmup_s, measure_s=plan.slow_measure_s,
-                     drain_s=DRAIN_S)
+                     drain_s=plan.drain_s)
         ports: list[int] = []
         gone = {}
 
