@@ -57,7 +57,7 @@ from websockets.sync.client import connect
 
 from broadcast.chat.app import ONLINE_HEADER, SESSION_HEADER
 from broadcast.chat.names import room_problem
-from broadcast.chat.structured import SUBPROTOCOL
+from broadcast.chat.structured import SUBPROTOCOL, gap_line
 from broadcast.config import parse_client_args
 from broadcast.net.limits import LIMITS_HEADER, TokenBucket, parse_limits_header
 from broadcast.redact import redact_url
@@ -224,10 +224,8 @@ def _resume_line(recovered: int, gap: dict | None) -> str:
 
 def _lost_line(gap: dict) -> str:
     """A live gap, as the line a plain-text server sends for it."""
-    missed, reason = gap.get("missed"), _bounded(str(gap.get("reason")))
-    if isinstance(missed, int):
-        return f"{missed} message{'' if missed == 1 else 's'} lost: {reason}"
-    return f"messages may have been lost: {reason}"
+    missed = gap.get("missed")
+    return gap_line(missed if isinstance(missed, int) else None, _bounded(str(gap.get("reason"))))
 
 
 def _with_query(url: str, **params: str | None) -> str:

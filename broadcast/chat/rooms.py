@@ -318,13 +318,10 @@ class Room:
         read them (bus.streams); None: Redis lost the room, whose history
         restarts. A structured member gets a ``gap``, a plain one a line.
         """
-        if missed is None:
-            reason, line = GAP_RESTARTED, "messages may have been lost"
-        else:
-            reason, line = GAP_LOST, f"{missed} message{'' if missed == 1 else 's'} lost"
+        reason = GAP_RESTARTED if missed is None else GAP_LOST
         with self.lock:
             gap = structured.gap(self.history.last_id, self.name, time.time(), missed, reason)
-            over = self._append_locked(text_frame(f"* {line}: {reason}"), text_frame(gap), None)
+            over = self._append_locked(text_frame("* " + structured.gap_line(missed, reason)), text_frame(gap), None)
         self._evict(over)
 
     def _append_locked(self, plain: bytes, shared: bytes, skip: int | None) -> list:

@@ -77,6 +77,13 @@ def gap(id: str | None, room: str, ts: float, missed: int | None, reason: str) -
     return f'{_head("gap", id, room, ts)},"missed":{count},"reason":{_string(reason)}}}'
 
 
+def gap_line(missed: int | None, reason: str) -> str:
+    """A live gap as a line of text: what a plain client is sent for it, and what the chat client prints."""
+    if missed is None:
+        return f"messages may have been lost: {reason}"
+    return f"{missed} message{'' if missed == 1 else 's'} lost: {reason}"
+
+
 def error(room: str, ts: float, reason: str) -> str:
     """A bad request from this one client; it stays connected."""
     return f'{_head("error", None, room, ts)},"reason":{_string(reason)}}}'
